@@ -1,0 +1,26 @@
+"""jaxlm: GPT-2 in JAX/Flax. The public API."""
+
+from .config import PRESETS, GPTConfig
+from .errors import JaxlmError
+from .hf import to_hf
+from .loader import load, load_with_tokenizer, save
+from .model import GPT, cross_entropy, init_cache, init_params, logical_axes
+from .tokenizer import CharTokenizer, GPT2Tokenizer, get_tokenizer
+
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "PRESETS",
+    "CharTokenizer",
+    "GPT2Tokenizer",
+    "JaxlmError",
+    "cross_entropy",
+    "get_tokenizer",
+    "init_cache",
+    "init_params",
+    "load",
+    "load_with_tokenizer",
+    "logical_axes",
+    "save",
+    "to_hf",
+]

@@ -1,0 +1,117 @@
+"""Orbax behind one small module: its API churns, so nothing else in jaxlm imports orbax.
+
+A jaxlm checkpoint directory:
+    jaxlm.json   {"format": "jaxlm", "version": 1, "config": GPTConfig fields, "tokenizer": spec|None}
+    params/      the params pytree, written by Orbax (sharded arrays are written shard by shard)
+It is written under a temporary name and renamed when complete, so a crash leaves no half checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from .config import GPTConfig
+from .errors import JaxlmError
+from .model import param_shapes
+
+META_FILE = "jaxlm.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(JaxlmError):
+    """A checkpoint directory that is missing, incomplete or does not match the model."""
+
+
+def is_checkpoint(path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def save(path, config: GPTConfig, params, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write params + config (+ tokenizer spec) to `path` atomically; returns the final path."""
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} already exists; choose another path or pass overwrite=True")
+    tmp = path.with_name(f".{path.name}.partial")
+    if jax.process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _sync("jaxlm_save_mkdir")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp / "params", params)
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        meta = {
+            "format": "jaxlm",
+            "version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "tokenizer": tokenizer.to_spec() if tokenizer is not None else None,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    _sync("jaxlm_save_rename")
+    return path
+
+
+def read_meta(path) -> dict:
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not a jaxlm checkpoint: {META_FILE} is missing")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_file} is corrupt ({e}); re-create the checkpoint") from None
+    if meta.get("format") != "jaxlm" or "config" not in meta:
+        raise CheckpointError(f"{meta_file} is not a jaxlm checkpoint description")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer jaxlm (format {meta['version']}); upgrade jaxlm")
+    return meta
+
+
+def load(path, shardings=None):
+    """Read (config, params, tokenizer_spec) from a jaxlm checkpoint directory.
+
+    `shardings`: optional pytree of `jax.sharding.Sharding` matching params; arrays are then
+    restored straight onto those devices (a checkpoint written on one mesh restores onto another).
+    """
+    path = Path(path).absolute()
+    meta = read_meta(path)
+    try:
+        config = GPTConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / META_FILE} holds an invalid model config: {e}") from None
+    params = restore_pytree(path / "params", param_shapes(config), shardings)
+    return config, params, meta.get("tokenizer")
+
+
+def restore_pytree(directory, abstract, shardings=None):
+    """Restore a pytree written by Orbax onto `shardings` (default: the first local device)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is missing; the checkpoint is incomplete")
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    try:
+        return ocp.StandardCheckpointer().restore(directory, target)
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"cannot restore {directory}: {msg}; the checkpoint is corrupt or does not match its config"
+        ) from None
+
+
+def _sync(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

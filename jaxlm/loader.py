@@ -1,0 +1,75 @@
+"""`load(source)`: one entry point for HF hub ids, HF directories and jaxlm checkpoints."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+
+from . import checkpoint, hf
+from .errors import JaxlmError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve(source) -> tuple[str, Path]:
+    """Classify a source as ("jaxlm" | "hf" | "run", local path), downloading hub ids."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise JaxlmError(f"{path} is a file; pass a model directory, a run directory or a hub id")
+        if checkpoint.is_checkpoint(path):
+            return "jaxlm", path
+        if hf.is_hf_dir(path):
+            return "hf", path
+        if (path / "checkpoints").is_dir():
+            return "run", path
+        raise JaxlmError(
+            f"{path} holds neither a jaxlm checkpoint (jaxlm.json), an HF model (config.json) "
+            "nor a training run (checkpoints/)"
+        )
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1 or not _HUB_ID.match(str(source)):
+        raise JaxlmError(f"{source}: no such directory (and not a Hugging Face hub id)")
+    return "hf", hf.download(str(source))
+
+
+def load(source, *, shardings=None, progress=None, **config_overrides):
+    """(config, params) from a hub id (`gpt2`, `gpt2-medium`, ..., `user/repo`), a local HF
+    directory (config.json + model.safetensors), a jaxlm checkpoint or a training run directory.
+
+    `config_overrides` set how the model computes (dtype, param_dtype, scan_layers, remat, dropout);
+    `shardings` places params onto devices as they are read (default: the first device).
+    """
+    config, params, _ = load_with_tokenizer(source, shardings=shardings, progress=progress, **config_overrides)
+    return config, params
+
+
+def load_with_tokenizer(source, *, shardings=None, progress=None, **config_overrides):
+    """Like `load`, plus the tokenizer spec stored with the model (GPT-2 BPE for HF models)."""
+    kind, path = resolve(source)
+    if kind == "hf":
+        config, params = hf.load_hf_dir(path, progress=progress, **config_overrides)
+        params = _place(params, shardings)
+        return config, params, {"kind": "gpt2"}
+    if kind == "run":
+        from .trainer import load_run
+
+        config, params, tok = load_run(path, shardings=shardings)
+    else:
+        config, params, tok = checkpoint.load(path, shardings=shardings)
+    if config_overrides:
+        config = config.replace(**config_overrides)
+        params = jax.tree.map(lambda x: x.astype(config.param_dtype), params)
+    return config, params, tok
+
+
+def _place(params, shardings):
+    if shardings is None:
+        return jax.tree.map(jax.numpy.asarray, params)
+    return jax.tree.map(jax.device_put, params, shardings)
+
+
+def save(path, config, params, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """A jaxlm checkpoint directory (Orbax params + config JSON); `load(path)` needs nothing else."""
+    return checkpoint.save(path, config, params, tokenizer, overwrite=overwrite)

@@ -178,8 +178,8 @@ class GPT(nn.Module):
         kv_mask_BxS=None,
     ):
         c = self.config
-        B, T = tokens_BxT.shape
         _check_tokens(tokens_BxT, c)
+        B, T = tokens_BxT.shape
         if positions_BxT is None:
             start = 0 if cache_index is None else cache_index
             positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))

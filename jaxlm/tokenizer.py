@@ -11,6 +11,8 @@ from importlib import resources
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from .errors import JaxlmError
+
 EOT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 _GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -59,7 +61,7 @@ class CharTokenizer:
 
     def __init__(self, chars: str):
         if not chars:
-            raise ValueError("a char tokenizer needs a non-empty alphabet (the training text was empty)")
+            raise JaxlmError("a char tokenizer needs a non-empty alphabet (the training text was empty)")
         self.chars = "".join(sorted(set(chars)))
         self._stoi = {ch: i for i, ch in enumerate(self.chars)}
         self.vocab_size = len(self.chars)
@@ -73,7 +75,7 @@ class CharTokenizer:
             return [self._stoi[ch] for ch in text]
         except KeyError:
             bad = sorted({ch for ch in text if ch not in self._stoi})
-            raise ValueError(
+            raise JaxlmError(
                 f"characters {''.join(bad)!r} are not in this char-level model's alphabet "
                 f"({self.vocab_size} characters); remove them from the prompt"
             ) from None
@@ -94,9 +96,9 @@ def get_tokenizer(name: str = "gpt2", text: str | None = None):
         return GPT2Tokenizer()
     if name == "char":
         if text is None:
-            raise ValueError('get_tokenizer("char") needs text=... to build its alphabet')
+            raise JaxlmError('get_tokenizer("char") needs text=... to build its alphabet')
         return CharTokenizer.from_text(text)
-    raise ValueError(f"unknown tokenizer {name!r}; use 'gpt2' or 'char'")
+    raise JaxlmError(f"unknown tokenizer {name!r}; use 'gpt2' or 'char'")
 
 
 def from_spec(spec: dict):
@@ -106,4 +108,4 @@ def from_spec(spec: dict):
         return GPT2Tokenizer()
     if kind == "char":
         return CharTokenizer(spec["chars"])
-    raise ValueError(f"unknown tokenizer spec {spec!r}; expected kind 'gpt2' or 'char'")
+    raise JaxlmError(f"unknown tokenizer spec {spec!r}; expected kind 'gpt2' or 'char'")

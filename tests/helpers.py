@@ -1,0 +1,36 @@
+"""Shared test utilities: random-init HF GPT-2 checkpoints written by transformers itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "fake_gpt2_random"
+
+
+def save_random_hf(path, seed: int = 0, **config):
+    """A random-init GPT2LMHeadModel saved with `save_pretrained` (safetensors); returns the model."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(**config)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def run_py(*args, env=None, timeout=300, cwd=None):
+    """Run `python *args` in a subprocess; returns CompletedProcess with text output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd or ROOT,
+    )

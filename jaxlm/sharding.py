@@ -89,6 +89,12 @@ def logical_to_sharding(spec_tree, mesh: Mesh):
 
 def param_shardings(config: GPTConfig, mesh: Mesh):
     """NamedSharding for every parameter; a dimension its mesh axes do not divide is an error."""
+    tensor = mesh.shape["tensor"]
+    if config.n_head % tensor:
+        raise JaxlmError(
+            f"n_head={config.n_head} cannot be split over mesh axis tensor of size {tensor}; "
+            "choose a tensor size that divides the number of heads"
+        )
     shardings = logical_to_sharding(logical_axes(config), mesh)
     check_divisible(param_shapes(config), shardings)
     return shardings

@@ -4,6 +4,7 @@ Mesh axes: `data` (replicas; batch split), `fsdp` (batch split and parameters sh
 per layer by XLA), `tensor` (heads / MLP / vocab split inside each layer). Rules are matched in
 order and a mesh axis is used once per array, so activations ("batch" first) take data+fsdp for
 the batch and leave "embed" whole, while parameters (no batch axis) shard "embed" over fsdp.
+The vocab axis is split over `tensor` only when the tensor size divides it.
 """
 
 from __future__ import annotations
@@ -95,7 +96,16 @@ def param_shardings(config: GPTConfig, mesh: Mesh):
             f"n_head={config.n_head} cannot be split over mesh axis tensor of size {tensor}; "
             "choose a tensor size that divides the number of heads"
         )
-    shardings = logical_to_sharding(logical_axes(config), mesh)
+    specs = logical_axes(config)
+    if config.vocab_size % tensor:
+        # GPT-2's vocab (50257) splits over no tensor size: keep the vocab axis whole (the embedding is still
+        # split over fsdp by its embed axis) rather than refuse tensor parallelism for every GPT-2.
+        specs = jax.tree.map(
+            lambda spec: PartitionSpec(*(None if a == "vocab" else a for a in spec)),
+            specs,
+            is_leaf=lambda x: isinstance(x, PartitionSpec),
+        )
+    shardings = logical_to_sharding(specs, mesh)
     check_divisible(param_shapes(config), shardings)
     return shardings
 

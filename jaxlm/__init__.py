@@ -2,6 +2,7 @@
 
 from .config import PRESETS, GPTConfig
 from .errors import JaxlmError
+from .generate import GenerateStats, Generator, generate
 from .hf import to_hf
 from .loader import load, load_with_tokenizer, save
 from .model import GPT, cross_entropy, init_cache, init_params, logical_axes
@@ -13,8 +14,11 @@ __all__ = [
     "PRESETS",
     "CharTokenizer",
     "GPT2Tokenizer",
+    "GenerateStats",
+    "Generator",
     "JaxlmError",
     "cross_entropy",
+    "generate",
     "get_tokenizer",
     "init_cache",
     "init_params",

@@ -9,6 +9,7 @@ It is written under a temporary name and renamed when complete, so a crash leave
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -115,3 +116,51 @@ def _sync(name: str):
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs: OUT_DIR/checkpoints is an Orbax CheckpointManager directory, one subdirectory per step
+# holding the items below. Orbax writes each step under a temporary name and renames it when complete,
+# so a run killed mid-save restarts from the previous step.
+
+RUN_ITEMS = ("params", "opt_state", "progress", "meta")  # progress: step, rng; meta: JSON (configs, tokenizer)
+
+
+def run_manager(directory, max_to_keep: int | None = None, *, read_only: bool = False) -> ocp.CheckpointManager:
+    """A CheckpointManager over `directory` that saves asynchronously and keeps the last `max_to_keep` steps."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else max_to_keep,
+        save_interval_steps=0 if read_only else 1,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,  # leftovers of a save that was killed
+        enable_async_checkpointing=True,
+    )
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns that a read-only manager is read-only
+    try:
+        return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=RUN_ITEMS)
+    finally:
+        absl_logger.setLevel(level)
+
+
+def save_run_step(manager: ocp.CheckpointManager, step: int, trees: dict, meta: dict):
+    """Start writing `trees` (params, opt_state, progress) and `meta` as `step`; returns before the write ends."""
+    items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
+    manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore_run_step(manager: ocp.CheckpointManager, step: int, abstract: dict | None = None) -> dict:
+    """{"meta": dict, plus the items named in `abstract`} of `step`; `abstract` maps item names to pytrees of
+    ShapeDtypeStructs carrying the target shardings."""
+    items = {name: ocp.args.StandardRestore(tree) for name, tree in (abstract or {}).items()}
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"cannot restore step {step} from {manager.directory}: {msg}; the checkpoint is corrupt or "
+            "does not match this model"
+        ) from None
+    return {name: restored[name] for name in (*items, "meta")}

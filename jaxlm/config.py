@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass
 
 from .errors import JaxlmError
@@ -88,3 +90,283 @@ PRESETS: dict[str, dict] = {
     "small-char": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65),
     "shakespeare-char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training configuration: nanoGPT's knob names, typed, with presets and a generated command line.
+
+_MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "dtype", "remat", "scan_layers")
+
+
+def _opt(default, help: str, **meta):
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `python train.py` takes; the defaults are the default preset (char-level Shakespeare)."""
+
+    # where
+    out_dir: str = _opt("out", "run directory: checkpoints/, metrics.jsonl, TensorBoard events, loss.png")
+    init_from: str = _opt(
+        "scratch",
+        "scratch | resume (continue the run in --out-dir) | an HF GPT-2 (gpt2, gpt2-medium, ..., a local HF dir) "
+        "| a jaxlm checkpoint or run dir",
+    )
+    overwrite: bool = _opt(False, "replace a run in --out-dir that holds a different model")
+    # data
+    dataset: str = _opt(
+        "shakespeare_char",
+        "shakespeare_char | shakespeare (bundled Tiny Shakespeare, chars | GPT-2 BPE), a prepared dir "
+        "(python -m jaxlm.data prepare), or a .txt file / folder of .txt / .jsonl (prepared on first use)",
+    )
+    tokenizer: str = _opt("gpt2", "tokenizer for raw-text --dataset sources", choices=("gpt2", "char"))
+    # model (ignored for --init-from resume / pretrained, except dropout, dtype, remat and a smaller block_size)
+    n_layer: int = _opt(4, "transformer blocks")
+    n_head: int = _opt(4, "attention heads")
+    n_embd: int = _opt(256, "embedding width")
+    block_size: int = _opt(128, "context length (tokens)")
+    dropout: float = _opt(0.0, "dropout rate")
+    vocab_size: int | None = _opt(None, "vocabulary size (none: the tokenizer's)")
+    dtype: str = _opt("float32", "compute dtype; params and optimizer stay float32", choices=("float32", "bfloat16"))
+    remat: bool = _opt(False, "recompute activations in the backward pass (less memory, more compute)")
+    scan_layers: bool = _opt(True, "scan over layers (fast compile) instead of unrolling")
+    # optimisation
+    batch_size: int = _opt(32, "sequences per micro-batch (global, all devices)")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    max_iters: int = _opt(2500, "optimizer steps")
+    learning_rate: float = _opt(2e-3, "peak learning rate")
+    min_lr: float | None = _opt(None, "final learning rate (none: learning_rate / 10)")
+    warmup_iters: int = _opt(100, "linear warmup steps")
+    lr_decay_iters: int | None = _opt(None, "step where cosine decay reaches min_lr (none: max_iters)")
+    decay_lr: bool = _opt(True, "warmup + cosine decay; false: constant learning_rate")
+    weight_decay: float = _opt(0.1, "AdamW decoupled weight decay (kernels and embeddings only)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip gradients to this global norm (0: off)")
+    seed: int = _opt(1337, "seed for init, data order and dropout")
+    # eval, logging, checkpoints
+    eval_interval: int = _opt(250, "evaluate on the val split every N steps")
+    eval_iters: int = _opt(20, "val batches per evaluation")
+    log_interval: int = _opt(10, "log train loss every N steps")
+    checkpoint_interval: int | None = _opt(None, "save every N steps (none: eval_interval); always at the end")
+    keep_checkpoints: int = _opt(3, "checkpoints to keep")
+    tensorboard: bool = _opt(True, "write TensorBoard event files")
+    # hardware
+    mesh: str | None = _opt(None, "device mesh, e.g. data=2,fsdp=4 (none: all devices on data)")
+    peak_flops: float | None = _opt(None, "peak FLOP/s per device for MFU (none: known per device kind)")
+    # multi-process jobs (not stored with the run: a resumed run may be placed differently)
+    coordinator_address: str | None = _opt(
+        None,
+        "host:port of process 0 for a multi-process run (none: single process, or found by the launcher "
+        "on TPU pods / SLURM)",
+    )
+    num_processes: int | None = _opt(None, "processes in the job (with --coordinator-address)")
+    process_id: int | None = _opt(None, "this process's index, 0 .. num_processes-1 (with --coordinator-address)")
+
+    def __post_init__(self):
+        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps")
+        positive += ("eval_interval", "eval_iters", "log_interval", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise JaxlmError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise JaxlmError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        for name in ("checkpoint_interval", "vocab_size", "lr_decay_iters", "peak_flops"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise JaxlmError(f"--{_flag(name)} must be at least 1 (or none), got {value}")
+        if not self.learning_rate > 0:
+            raise JaxlmError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
+            raise JaxlmError(f"--min-lr must be in [0, learning_rate={self.learning_rate}], got {self.min_lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise JaxlmError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.dataset:
+            raise JaxlmError(
+                "--dataset is required: prepare a corpus with `python -m jaxlm.data prepare SRC OUT` and pass "
+                "--dataset OUT (or a .txt/.jsonl file or folder)"
+            )
+        if not self.out_dir or not self.init_from:
+            raise JaxlmError("--out-dir and --init-from must not be empty")
+        self.model_config(self.vocab_size or 1)  # n_embd % n_head, dropout range, dtype: fail before any work
+
+    @property
+    def final_lr(self) -> float:
+        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def decay_iters(self) -> int:
+        return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+    @property
+    def save_interval(self) -> int:
+        return self.eval_interval if self.checkpoint_interval is None else self.checkpoint_interval
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The GPTConfig of a model trained from scratch (vocab_size from the tokenizer unless set)."""
+        fields = {k: getattr(self, k) for k in _MODEL_FIELDS}
+        return GPTConfig(vocab_size=self.vocab_size or vocab_size, **fields)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _JOB_FIELDS}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> TrainConfig:
+        if name not in TRAIN_PRESETS:
+            raise JaxlmError(f"unknown training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
+        return cls(**{**TRAIN_PRESETS[name], **overrides})
+
+
+_JOB_FIELDS = ("coordinator_address", "num_processes", "process_id")
+
+DEFAULT_TRAIN_PRESET = "shakespeare-char"
+
+# Training presets: overrides of TrainConfig's defaults (which are "shakespeare-char").
+TRAIN_PRESETS: dict[str, dict] = {
+    # Default: char-level Tiny Shakespeare tuned to finish in minutes on a 2-core CPU.
+    "shakespeare-char": {},
+    # nanoGPT's README CPU command for shakespeare_char (config/train_shakespeare_char.py + CPU flags).
+    "nanogpt-cpu": dict(
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        block_size=64,
+        batch_size=12,
+        max_iters=2000,
+        lr_decay_iters=2000,
+        learning_rate=1e-3,
+        min_lr=1e-4,
+        beta2=0.99,
+        warmup_iters=100,
+        dropout=0.0,
+        eval_interval=250,
+        eval_iters=20,
+        log_interval=10,
+        out_dir="out-nanogpt-cpu",
+    ),
+    # GPT-2 124M from scratch on a real corpus (nanoGPT's train_gpt2.py: ~0.5M tokens per step).
+    "gpt2-124m": dict(
+        dataset="",
+        tokenizer="gpt2",
+        n_layer=12,
+        n_head=12,
+        n_embd=768,
+        block_size=1024,
+        dropout=0.0,
+        dtype="bfloat16",
+        batch_size=12,
+        gradient_accumulation_steps=40,
+        max_iters=600000,
+        learning_rate=6e-4,
+        min_lr=6e-5,
+        warmup_iters=2000,
+        weight_decay=0.1,
+        beta2=0.95,
+        eval_interval=1000,
+        eval_iters=200,
+        log_interval=10,
+        out_dir="out-gpt2",
+    ),
+    # Fine-tune OpenAI's GPT-2 on Tiny Shakespeare (BPE), nanoGPT's finetune_shakespeare recipe.
+    "finetune-gpt2": dict(
+        init_from="gpt2",
+        dataset="shakespeare",
+        block_size=256,
+        batch_size=4,
+        gradient_accumulation_steps=8,
+        max_iters=200,
+        learning_rate=3e-5,
+        decay_lr=False,
+        dropout=0.1,
+        eval_interval=50,
+        eval_iters=20,
+        warmup_iters=0,
+        out_dir="out-finetune",
+    ),
+}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(str(text).lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if str(text).lower() in ("none", "null", "") else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def train_arg_parser(preset: str = DEFAULT_TRAIN_PRESET, prog: str = "train.py") -> argparse.ArgumentParser:
+    """`--config NAME` plus one flag per TrainConfig field, spelled `--n-layer 4` or `--n_layer=4`."""
+    if preset not in TRAIN_PRESETS:
+        raise JaxlmError(f"unknown --config {preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | TRAIN_PRESETS[preset]
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a GPT (from scratch, from a pretrained GPT-2, or resuming a run).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=preset, choices=sorted(TRAIN_PRESETS), help="preset the flags below override")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind = hints[f.name]
+        names = [f"--{_flag(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        kw = dict(dest=f.name, default=defaults[f.name], help=f.metadata["help"], choices=f.metadata.get("choices"))
+        if kind is bool:
+            kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            base = next(a for a in typing.get_args(kind) if a is not type(None)) if typing.get_args(kind) else kind
+            kw.update(type=_optional(base) if base is not kind else base)
+            if not kw["choices"]:
+                kw["metavar"] = base.__name__.upper()
+        p.add_argument(*names, **kw)
+    return p
+
+
+def parse_train_flags(argv=None, prog: str = "train.py") -> tuple[dict, frozenset[str]]:
+    """(every TrainConfig field's value, names of the fields set by flags or the chosen preset).
+
+    Values are not yet validated: a resumed run first merges them into the stored run's config.
+    Unknown flags and values of the wrong type exit with argparse's usage error (status 2).
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=DEFAULT_TRAIN_PRESET)
+    known, _ = pre.parse_known_args(argv)
+    parser = train_arg_parser(known.config, prog)
+    values = vars(parser.parse_args(argv))
+    preset = values.pop("config")
+    explicit = set(_explicit_dests(parser, argv)) - {"config"}
+    return values, frozenset(explicit | set(TRAIN_PRESETS[preset]))
+
+
+def parse_train_args(argv=None, prog: str = "train.py") -> tuple[TrainConfig, frozenset[str]]:
+    """(validated config, names of the fields set by flags or the preset)."""
+    values, explicit = parse_train_flags(argv, prog)
+    return TrainConfig(**values), explicit
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv) -> list[str]:
+    """The dests given on the command line: parse again with every default suppressed."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return list(vars(parser.parse_args(argv)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -140,8 +141,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 @contextlib.contextmanager
 def activate(mesh: Mesh):
     """Inside: the model's activation constraints use `mesh` and RULES (trace jitted code here)."""
-    with mesh, nn.logical_axis_rules(RULES):
-        yield
+    # The legacy `with mesh:` context, not jax.set_mesh: under set_mesh Flax 0.12 applies the scanned
+    # layers' param axis metadata to per-layer slices and fails; revisit when Flax follows.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`with mesh:` context manager has been deprecated")
+        mesh.__enter__()
+    try:
+        with nn.logical_axis_rules(RULES):
+            yield
+    finally:
+        mesh.__exit__(None, None, None)
 
 
 def shard_summary(params) -> dict[str, tuple]:

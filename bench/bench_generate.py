@@ -1,0 +1,171 @@
+"""Decode speed: jaxlm.generate vs transformers PyTorch `generate`, GPT-2 124M shape, CPU, same run.
+
+    flock /tmp/jaxlm-cpu.lock python bench/bench_generate.py            # prints a markdown table
+
+Greedy, 8-token prompt, 128 new tokens (no early stop), batch 1 and 8, random weights shared by
+both sides (jaxlm's init written out with `jaxlm.to_hf`), float32. jaxlm's tokens/s is the decode
+loop's (batch x steps / time; compile and prefill excluded, both reported); PyTorch's is the whole
+`generate` call (its prefill of 8 tokens is about one step). The bandwidth bound is the parameter
+bytes read per step over a measured read bandwidth (a jitted sum of a 512 MB array).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jaxlm
+from jaxlm.generate import Generator
+
+PROMPT, NEW = 8, 128
+# HF Flax GPT-2 (transformers 4.57, jax.jit(model.generate)) on this machine kind, from the issue.
+HF_FLAX = {1: 14, 8: 113}
+
+
+def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 10) -> float:
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    total = jax.jit(lambda a: a.sum())
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def bench_jaxlm(gen: Generator, batch: int, reps: int):
+    prompts = [list(range(1000, 1000 + PROMPT))] * batch
+    runs = []
+    for _ in range(reps + 1):  # the first call compiles
+        out = gen(prompts, max_new_tokens=NEW, temperature=0.0, eos_id=None)
+        runs.append(gen.stats)
+    compile_s = runs[0].compile_s
+    best = min(runs[1:], key=lambda s: s.decode_s)
+    assert best.steps == NEW and all(len(r) == NEW for r in out)
+    return best, compile_s, out
+
+
+def bench_model_apply(config, params, batch: int, reps: int) -> float:
+    """The same greedy loop through the training model (`GPT.apply` with its stacked KV cache): tok/s."""
+    model = jaxlm.GPT(config)
+
+    @jax.jit
+    def run(params, tokens_BxP):
+        cache = jaxlm.init_cache(config, batch, PROMPT + NEW)
+        logits, cache = model.apply({"params": params}, tokens_BxP, cache=cache, cache_index=0)
+
+        def body(carry):
+            i, tok_B, cache = carry
+            logits, cache = model.apply({"params": params}, tok_B[:, None], cache=cache, cache_index=PROMPT + i - 1)
+            return i + 1, jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
+
+        start = (jnp.int32(1), jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache)
+        return jax.lax.while_loop(lambda c: c[0] < NEW, body, start)[1]
+
+    tokens = jnp.asarray([list(range(1000, 1000 + PROMPT))] * batch, jnp.int32)
+    run(params, tokens).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run(params, tokens).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return batch * NEW / best
+
+
+def bench_torch(model, batch: int, reps: int, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    ids = torch.arange(1000, 1000 + PROMPT)[None].repeat(batch, 1)
+    mask = torch.ones_like(ids)
+    best, out = float("inf"), None
+    with torch.inference_mode():
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
+            if i:
+                best = min(best, time.perf_counter() - t0)
+    assert out.shape == (batch, PROMPT + NEW)
+    return batch * NEW / best, out[:, PROMPT:].tolist()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per row (best is reported)")
+    p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    p.add_argument("--model-apply", action="store_true", help="also time the loop through GPT.apply's cache")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    config = jaxlm.GPTConfig.preset("gpt2")
+    params = jax.jit(jaxlm.init_params, static_argnums=0)(config, jax.random.key(0))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"]["embedding"].nbytes
+    model = None
+    if not args.no_torch:
+        import transformers
+
+        with tempfile.TemporaryDirectory() as d:
+            jaxlm.to_hf(config, params, f"{d}/gpt2")
+            model = transformers.GPT2LMHeadModel.from_pretrained(f"{d}/gpt2").eval()
+        model.generation_config.pad_token_id = 50256
+    t0 = time.perf_counter()
+    gen = Generator(params, config)
+    prepare_s = time.perf_counter() - t0
+    bandwidth = read_bandwidth()
+
+    rows = []
+    for b in batches:
+        stats, compile_s, ours = bench_jaxlm(gen, b, args.reps)
+        torch_tps, theirs = bench_torch(model, b, args.reps, args.threads) if model is not None else (None, None)
+        apply_tps = bench_model_apply(config, params, b, 1) if args.model_apply else None
+        bound = b * bandwidth / weight_bytes
+        rows.append((b, stats, compile_s, torch_tps, apply_tps, bound, theirs is None or theirs == ours))
+
+    versions = f"jax {jax.__version__}"
+    if model is not None:
+        import torch
+        import transformers
+
+        versions += f", torch {torch.__version__} ({args.threads} threads), transformers {transformers.__version__}"
+    print(f"{datetime.date.today()} | {_cpu_name()}, {os.cpu_count()} cores | load average {os.getloadavg()[0]:.1f}")
+    print(versions)
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step {weight_bytes / 1e6:.0f} MB (float32)")
+    print(f"decode-layout weights prepared in {prepare_s:.1f} s\n")
+    print(
+        "| batch | jaxlm tok/s | ms/step | of bandwidth bound | PyTorch tok/s | HF Flax tok/s (issue) | vs best "
+        "| compile s | prefill ms | same tokens | GPT.apply loop tok/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for b, s, compile_s, torch_tps, apply_tps, bound, same in rows:
+        best_other = max(HF_FLAX.get(b, 0), torch_tps or 0)
+        print(
+            f"| {b} | {s.tokens_per_s:.1f} | {1e3 * s.decode_s / s.steps:.1f} | {s.tokens_per_s / bound:.0%} "
+            f"| {_num(torch_tps)} | {HF_FLAX.get(b, '-')} | {s.tokens_per_s / best_other:.2f}x "
+            f"| {compile_s:.1f} | {1e3 * s.prefill_s:.0f} | {'yes' if same else 'NO'} | {_num(apply_tps)} |"
+        )
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Training throughput: tokens/s, ms/step and FLOP utilisation against the machine's measured matmul peak.
+
+    python bench/bench_train.py                 # every case, each in its own process; prints a markdown table
+    python bench/bench_train.py --case gpt2-f32 --steps 5
+
+Each case runs jaxlm's real train step (jitted, donated, sharded over all devices, batches built on the host
+from the prepared dataset while the previous step runs), after a warm-up step, with no eval or checkpoints.
+Peak memory is the process's maximum resident set size. MFU uses GPTConfig.flops_per_token (6N + 12LTD per
+token) over the peak measured here by a large jitted matmul of the same dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+CASES = {
+    # nanoGPT's README CPU run for shakespeare_char (4 layers, 128 wide, block 64, batch 12).
+    "nanogpt-cpu": dict(config="nanogpt-cpu", steps=200, dataset="shakespeare_char"),
+    # jaxlm's default `python train.py` model.
+    "default": dict(config="shakespeare-char", steps=50, dataset="shakespeare_char"),
+    # GPT-2 124M, batch 4 x 256 tokens, float32 and bfloat16 compute (params stay float32).
+    "gpt2-f32": dict(
+        config="gpt2-124m", steps=4, dataset="shakespeare", batch_size=4, block_size=256, gradient_accumulation_steps=1
+    ),
+    "gpt2-bf16": dict(
+        config="gpt2-124m",
+        steps=4,
+        dataset="shakespeare",
+        batch_size=4,
+        block_size=256,
+        gradient_accumulation_steps=1,
+        dtype="bfloat16",
+    ),
+}
+
+
+def matmul_peak(dtype: str, n: int = 2048, seconds: float = 3.0) -> float:
+    import jax.numpy as jnp
+
+    from jaxlm.trainer import measure_matmul_flops
+
+    return measure_matmul_flops(n, jnp.dtype(dtype), seconds)
+
+
+def run_case(name: str, steps: int | None = None) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxlm import data, sharding, trainer
+    from jaxlm.config import TrainConfig
+
+    trainer.keep_freed_memory()
+    spec = dict(CASES[name])
+    preset, steps = spec.pop("config"), steps or spec.pop("steps")
+    spec.pop("steps", None)
+    cfg = TrainConfig.preset(preset, **spec)
+    ds = data.resolve_dataset(cfg.dataset, cfg.tokenizer)
+    config = cfg.model_config(ds.vocab_size)
+    mesh = sharding.make_mesh(cfg.mesh)
+    A, B, T = cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size
+    tx = trainer.make_optimizer(cfg)
+    with sharding.activate(mesh):
+        shardings = trainer.state_shardings(config, tx, mesh)
+        batch_sh = NamedSharding(mesh, PartitionSpec(None, *sharding.batch_sharding(mesh).spec))
+        step_fn = jax.jit(
+            trainer.make_train_step(config, tx, trainer.lr_schedule(cfg)),
+            in_shardings=(shardings, batch_sh),
+            out_shardings=(shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
+        state = trainer.new_state(config, tx, shardings, cfg.seed)
+
+        def batch(i):
+            local = data.get_batch(ds, "train", cfg.seed, i, (A, B), T)
+            return jax.make_array_from_process_local_data(batch_sh, local, (A, B, T + 1))
+
+        t = time.perf_counter()
+        state, m = step_fn(state, batch(0))
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t
+        nxt = batch(1)
+        t = time.perf_counter()
+        for i in range(1, steps + 1):
+            state, m = step_fn(state, nxt)
+            nxt = batch(i + 1)
+        loss = float(m["loss"])
+        seconds = (time.perf_counter() - t) / steps
+    peak = matmul_peak("bfloat16" if config.dtype == "bfloat16" else "float32")
+    tokens = A * B * T
+    flops = config.flops_per_token(T) * tokens / seconds
+    return {
+        "case": name,
+        "params_M": round(config.num_params() / 1e6, 2),
+        "tokens_per_step": tokens,
+        "dtype": config.dtype,
+        "ms_per_step": round(1000 * seconds, 2),
+        "tokens_per_s": round(tokens / seconds),
+        "tflops": round(flops / 1e12, 4),
+        "matmul_peak_tflops": round(peak / 1e12, 4),
+        "mfu_vs_matmul_peak": round(flops / (peak * jax.device_count()), 3),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "compile_s": round(compile_s, 1),
+        "loss": round(loss, 3) if np.isfinite(loss) else loss,
+        "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+        "jnp_ok": bool(jnp.isfinite(m["grad_norm"])),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", choices=sorted(CASES), help="run one case in this process and print JSON")
+    p.add_argument("--steps", type=int, help="timed steps (default per case)")
+    args = p.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.steps)))
+        return
+    results = []
+    for name in CASES:
+        cmd = [sys.executable, __file__, "--case", name] + (["--steps", str(args.steps)] if args.steps else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), file=sys.stderr)
+    cols = ["case", "params_M", "dtype", "tokens_per_step", "ms_per_step", "tokens_per_s", "tflops"]
+    cols += ["matmul_peak_tflops", "mfu_vs_matmul_peak", "peak_rss_gib", "compile_s"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in results:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print(f"\n{results[0]['device']}; {time.strftime('%Y-%m-%d')}")
+
+
+if __name__ == "__main__":
+    main()

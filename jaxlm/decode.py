@@ -1,0 +1,139 @@
+"""GPT-2's forward pass specialised for generation, over the same params as `jaxlm.model`.
+
+Why not `GPT.apply(..., cache=...)`: decoding reads every weight once per token, so on a CPU it is
+bound by memory bandwidth, and the training-shaped model wastes it. Its `nn.scan` slices each layer
+out of the stacked weights (a copy per layer per token), its stacked cache is re-stacked every step,
+and XLA's matmul with a few rows against an [in, out] kernel runs several times below bandwidth.
+Here `prepare` unstacks the layers and stores kernels as [out, in] once; each layer's cache is its
+own [B, H, S, K] buffer, updated in place; a step of 2-32 rows multiplies and reduces in one fused
+loop. The math is GPT-2's, and tests/test_generate.py holds it to `GPT.apply` (cache vs recompute).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import GPTConfig
+from .model import _layer_norm
+
+FUSED_ROWS = 32  # up to this many rows, x @ W.T as a fused multiply-reduce (faster on CPU); beyond, a matmul
+
+
+def prepare(params, c: GPTConfig) -> dict:
+    """Decode-layout weights in the compute dtype: per-layer dicts, kernels [out, in] (one copy).
+
+    Done in numpy (zero-copy views of CPU arrays): as one XLA program its ~100 transposes and
+    slices took longer to compile than the whole decode loop.
+    """
+    dtype = jnp.dtype(c.dtype)
+    h = jax.tree.map(np.asarray, jax.device_get(params["h"]))
+    a, m = h["attn"], h["mlp"]
+    L, D = a["c_attn"]["kernel"].shape[:2]
+
+    def put(x, transpose=False):
+        x = x.T if transpose else x
+        return jax.device_put(np.ascontiguousarray(x, dtype=dtype))
+
+    def layer(i):
+        return {
+            "ln_1": {k: put(x[i]) for k, x in h["ln_1"].items()},
+            "ln_2": {k: put(x[i]) for k, x in h["ln_2"].items()},
+            "qkv_w": put(a["c_attn"]["kernel"][i].reshape(D, 3 * D), True),
+            "qkv_b": put(a["c_attn"]["bias"][i].reshape(3 * D)),
+            "proj_w": put(a["c_proj"]["kernel"][i], True),
+            "proj_b": put(a["c_proj"]["bias"][i]),
+            "fc_w": put(m["c_fc"]["kernel"][i], True),
+            "fc_b": put(m["c_fc"]["bias"][i]),
+            "out_w": put(m["c_proj"]["kernel"][i], True),
+            "out_b": put(m["c_proj"]["bias"][i]),
+        }
+
+    rest = jax.tree.map(lambda x: put(np.asarray(x)), jax.device_get({k: params[k] for k in ("wte", "wpe", "ln_f")}))
+    return {
+        "wte": rest["wte"]["embedding"],
+        "wpe": rest["wpe"]["embedding"],
+        "ln_f": rest["ln_f"],
+        "layers": [layer(i) for i in range(L)],
+    }
+
+
+def _linear(x_xD, w_OxD, b_O=None, out_dtype=None):
+    """x @ w.T (+ b) over the last axis, accumulated in float32."""
+    x_NxD = x_xD.reshape(-1, x_xD.shape[-1])
+    if 1 < x_NxD.shape[0] <= FUSED_ROWS:
+        # Must be 2-D: XLA's fused loop over a [N, 1, O, D] product runs 50x slower.
+        y_NxO = jnp.sum(w_OxD * x_NxD[:, None, :], axis=-1, dtype=jnp.float32)
+    else:
+        y_NxO = jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)
+    y_xO = y_NxO.astype(out_dtype or x_xD.dtype).reshape(*x_xD.shape[:-1], -1)
+    return y_xO if b_O is None else y_xO + b_O
+
+
+def _ln(c: GPTConfig, p, x):
+    return _layer_norm(c, "ln").apply({"params": p}, x)
+
+
+def _mlp(c: GPTConfig, p, x):
+    h = jax.nn.gelu(_linear(_ln(c, p["ln_2"], x), p["fc_w"], p["fc_b"]), approximate=True)
+    return x + _linear(h, p["out_w"], p["out_b"])
+
+
+def _softmax_attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS):
+    scale = 1.0 / np.sqrt(q_BxHxTxK.shape[-1])
+    s_BxHxTxS = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxSxK, preferred_element_type=jnp.float32) * scale
+    # finfo.min, not -inf: a fully masked row (left padding) stays finite instead of NaN.
+    s_BxHxTxS = jnp.where(mask_BxTxS[:, None], s_BxHxTxS, jnp.finfo(jnp.float32).min)
+    p_BxHxTxS = jax.nn.softmax(s_BxHxTxS, axis=-1).astype(v_BxHxSxK.dtype)
+    return jnp.einsum("bhts,bhsk->bhtk", p_BxHxTxS, v_BxHxSxK)
+
+
+def _qkv(c: GPTConfig, p, x_BxTxD):
+    B, T, _ = x_BxTxD.shape
+    qkv_BxTx3xHxK = _linear(_ln(c, p["ln_1"], x_BxTxD), p["qkv_w"], p["qkv_b"]).reshape(B, T, 3, c.n_head, -1)
+    return (qkv_BxTx3xHxK[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+
+
+def _head(c: GPTConfig, dp, x_BxD):
+    return _linear(_ln(c, dp["ln_f"], x_BxD), dp["wte"], out_dtype=jnp.float32)
+
+
+def prefill(dp, tokens_BxT, positions_BxT, valid_BxT, *, c: GPTConfig):
+    """Run left-padded prompts; returns (logits of the last position [B, V], per-layer (k, v) [B, H, T, K]).
+
+    `valid_BxT` is False at padding, which no real token attends to.
+    """
+    T = tokens_BxT.shape[1]
+    x_BxTxD = (dp["wte"][tokens_BxT] + dp["wpe"][positions_BxT]).astype(c.dtype)
+    mask_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & valid_BxT[:, None, :]
+    kv = []
+    for p in dp["layers"]:
+        q, k, v = _qkv(c, p, x_BxTxD)
+        kv.append((k, v))
+        y_BxHxTxK = _softmax_attend(q, k, v, mask_BxTxT)
+        y_BxTxD = y_BxHxTxK.transpose(0, 2, 1, 3).reshape(x_BxTxD.shape)
+        x_BxTxD = _mlp(c, p, x_BxTxD + _linear(y_BxTxD, p["proj_w"], p["proj_b"]))
+    return _head(c, dp, x_BxTxD[:, -1]), kv
+
+
+def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig):
+    """One new token per row, written at cache `slot`; returns (logits [B, V], cache).
+
+    `cache` is a list of per-layer (k, v), each [B, H, S, K]; a row attends to the slots up to
+    `slot` that are valid (`valid_BxS` is False at its left padding).
+    """
+    B, S = valid_BxS.shape
+    x_Bx1xD = (dp["wte"][tokens_B] + dp["wpe"][positions_B]).astype(c.dtype)[:, None]
+    mask_Bx1xS = (valid_BxS & (jnp.arange(S) <= slot))[:, None]
+    zero = jnp.zeros((), jnp.int32)
+    new_cache = []
+    for p, (k_BxHxSxK, v_BxHxSxK) in zip(dp["layers"], cache, strict=True):
+        q, k, v = _qkv(c, p, x_Bx1xD)
+        k_BxHxSxK = jax.lax.dynamic_update_slice(k_BxHxSxK, k.astype(k_BxHxSxK.dtype), (zero, zero, slot, zero))
+        v_BxHxSxK = jax.lax.dynamic_update_slice(v_BxHxSxK, v.astype(v_BxHxSxK.dtype), (zero, zero, slot, zero))
+        new_cache.append((k_BxHxSxK, v_BxHxSxK))
+        y_BxHx1xK = _softmax_attend(q, k_BxHxSxK, v_BxHxSxK, mask_Bx1xS)
+        y_Bx1xD = y_BxHx1xK.transpose(0, 2, 1, 3).reshape(B, 1, -1)
+        x_Bx1xD = _mlp(c, p, x_Bx1xD + _linear(y_Bx1xD, p["proj_w"], p["proj_b"]))
+    return _head(c, dp, x_Bx1xD[:, 0]), new_cache

@@ -1,0 +1,91 @@
+"""Run by tests/test_sharding.py in a subprocess with simulated CPU devices (XLA_FLAGS).
+
+    python tests/sharded_train.py OUT_ROOT MESH [MESH ...]
+
+For each mesh ("single" = no mesh flag), trains the same tiny model 10 steps into OUT_ROOT/<mesh>,
+and prints one JSON line: {mesh: {"losses": [...], "shards": {param: shard shape}, "opt_shards": ...}}.
+Then: the first mesh's run is restored onto every other mesh (params saved to OUT_ROOT/restored-<mesh>.npz,
+with their shard shapes), and a run of 5 steps on the first mesh is resumed to 10 on the last ("resumed").
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxlm import sharding, trainer
+from jaxlm.config import TrainConfig
+
+TINY = dict(
+    n_layer=2,
+    n_head=4,
+    n_embd=64,
+    block_size=32,
+    batch_size=8,
+    max_iters=10,
+    warmup_iters=2,
+    lr_decay_iters=10,
+    learning_rate=1e-3,
+    log_interval=1,
+    eval_interval=10,
+    eval_iters=1,
+    tensorboard=False,
+    dataset="shakespeare_char",
+)
+
+
+def config_for(out: Path, mesh: str | None, **overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY, "out_dir": str(out), "mesh": mesh, **overrides})
+
+
+def losses(out: Path) -> list[float]:
+    rows = trainer.read_metrics(out / "metrics.jsonl")
+    return [r["loss"] for r in sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])]
+
+
+def main():
+    root, meshes = Path(sys.argv[1]), sys.argv[2:]
+    report = {"devices": jax.device_count()}
+    for mesh in meshes:
+        spec = None if mesh == "single" else mesh
+        out = root / _name(mesh)
+        cfg = config_for(out, spec)
+        s = trainer.setup(cfg, log=lambda *a, **k: None)
+        with sharding.activate(s.mesh):
+            state = s.init_state()
+        shards = sharding.shard_summary(state["params"])
+        opt_shards = {k: v for k, v in sharding.shard_summary(state["opt_state"]).items() if k.endswith("c_fc/kernel")}
+        del s, state
+        trainer.train(cfg, log=lambda *a, **k: None)
+        report[mesh] = {"losses": losses(out), "shards": shards, "opt_shards": opt_shards, "out": str(out)}
+    first, last = meshes[0], meshes[-1]
+    saved = Path(report[first]["out"])
+    for mesh in meshes[1:]:
+        m = sharding.make_mesh(None if mesh == "single" else mesh)
+        config, params, _ = trainer.load_run(saved, shardings=None)
+        config, params, _ = trainer.load_run(saved, shardings=sharding.param_shardings(config, m))
+        report[f"restored-{mesh}"] = sharding.shard_summary(params)
+        flat = {k: np.asarray(v) for k, v in _flatten(params).items()}
+        np.savez(root / f"restored-{_name(mesh)}.npz", **flat)
+    out = root / "resumed"
+    trainer.train(config_for(out, None if first == "single" else first, max_iters=5), log=lambda *a, **k: None)
+    cfg = config_for(out, None if last == "single" else last, init_from="resume", max_iters=10)
+    trainer.train(cfg, explicit=frozenset({"init_from", "max_iters", "mesh"}), log=lambda *a, **k: None)
+    report["resumed"] = {"losses": losses(out)}
+    print("RESULT " + json.dumps(report))
+
+
+def _name(mesh: str) -> str:
+    return mesh.replace(",", "_").replace("=", "")
+
+
+def _flatten(params) -> dict:
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(params)
+    }
+
+
+if __name__ == "__main__":
+    main()

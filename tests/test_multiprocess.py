@@ -1,0 +1,103 @@
+"""Two processes on localhost (jax.distributed, CPU collectives) train like one; a dead peer is an error."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from helpers import ROOT
+
+TINY = [
+    "--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "32", "--batch-size", "8",
+    "--warmup-iters", "2", "--lr-decay-iters", "10", "--learning-rate", "1e-3", "--log-interval", "1",
+    "--eval-interval", "10", "--eval-iters", "1", "--tensorboard", "false",
+]  # fmt: skip
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+def _launch(out, n: int, *extra, max_iters: int = 10, devices: int = 1):
+    port = _port()
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "train.py",
+                *TINY,
+                "--max-iters",
+                str(max_iters),
+                "--out-dir",
+                str(out),
+                *extra,
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                str(n),
+                "--process-id",
+                str(i),
+            ],
+            cwd=ROOT,
+            env=_env(devices),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(n)
+    ]
+
+
+def _losses(out) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])]
+
+
+def test_two_processes_match_one(tmp_path):
+    single = subprocess.run(
+        [sys.executable, "train.py", *TINY, "--max-iters", "10", "--out-dir", str(tmp_path / "one")],
+        cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    procs = _launch(tmp_path / "two", 2)
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    assert "step" in outs[0][0] + outs[0][1] and "step 1" not in outs[1][0]  # only process 0 logs
+    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5)
+    # The checkpoint written by both processes restores in a plain single process.
+    import jaxlm
+
+    config, params = jaxlm.load(tmp_path / "two")
+    assert config.n_layer == 2 and params["h"]["mlp"]["c_fc"]["kernel"].shape == (2, 64, 256)
+
+
+def test_dead_peer_makes_the_survivor_exit_with_a_clear_error(tmp_path):
+    procs = _launch(tmp_path / "crash", 2, max_iters=100_000)
+    metrics = tmp_path / "crash" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail(f"training did not start: {procs[0].communicate()[1][-2000:]}")
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGKILL)
+    try:
+        _, err = procs[0].communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail("the surviving process hung after its peer died")
+    assert procs[0].returncode not in (0, None)
+    assert "another process" in err and "died" in err

@@ -1,0 +1,107 @@
+"""Sharded training on 8 simulated CPU devices equals one device; checkpoints move between meshes."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import ROOT, run_py
+
+import jaxlm
+from jaxlm import sharding
+
+MESHES = ["data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2"]
+EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+
+def _result(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    script = str(ROOT / "tests" / "sharded_train.py")
+    single = _result(run_py(script, str(root / "one"), "single", env={"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}))
+    many = _result(run_py(script, str(root / "eight"), *MESHES, env=EIGHT, timeout=600))
+    return single, many, root
+
+
+def test_every_mesh_gives_the_single_device_losses(runs):
+    single, many, _ = runs
+    assert single["devices"] == 1 and many["devices"] == 8
+    ref = np.array(single["single"]["losses"])
+    assert len(ref) == 10
+    for mesh in [*MESHES, "resumed"]:
+        losses = np.array(many[mesh]["losses"])
+        assert losses.shape == ref.shape, mesh
+        np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=mesh)
+
+
+# Shard shapes on the first device; the model: n_layer 2, n_embd 64 (MLP 256), 4 heads, vocab 65, block 32.
+EXPECTED = {
+    "data=8": {"h/mlp/c_fc/kernel": [2, 64, 256], "h/attn/c_attn/kernel": [2, 64, 3, 64], "wte/embedding": [65, 64]},
+    "fsdp=8": {"h/mlp/c_fc/kernel": [2, 8, 256], "h/attn/c_attn/kernel": [2, 8, 3, 64], "wte/embedding": [65, 8]},
+    "data=2,fsdp=2,tensor=2": {
+        "h/mlp/c_fc/kernel": [2, 32, 128],
+        "h/attn/c_attn/kernel": [2, 32, 3, 32],
+        "h/mlp/c_proj/kernel": [2, 128, 32],
+        "wte/embedding": [65, 32],  # 65 does not split over tensor=2: the vocab axis stays whole
+    },
+    "fsdp=4,tensor=2": {"h/mlp/c_fc/kernel": [2, 16, 128], "h/attn/c_attn/kernel": [2, 16, 3, 32]},
+}
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_parameters_and_optimizer_state_really_split(runs, mesh):
+    _, many, _ = runs
+    shards = many[mesh]["shards"]
+    for name, shape in EXPECTED[mesh].items():
+        assert shards[name] == shape, (mesh, name)
+    for name, shape in many[mesh]["opt_shards"].items():
+        assert shape == EXPECTED[mesh]["h/mlp/c_fc/kernel"], (mesh, name)
+
+
+def test_checkpoint_moves_between_meshes_and_onto_one_device(runs):
+    _, many, root = runs
+    saved = many[MESHES[0]]["out"]
+    # Here, in the test process: one device.
+    config, params = jaxlm.load(saved)
+    flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(x) for p, x in _leaves(params)}
+    for mesh in MESHES[1:]:
+        restored = np.load(root / "eight" / f"restored-{mesh.replace(',', '_').replace('=', '')}.npz")
+        assert set(restored.files) == set(flat)
+        for name in flat:
+            np.testing.assert_array_equal(restored[name], flat[name], err_msg=f"{mesh} {name}")
+        assert many[f"restored-{mesh}"]["h/mlp/c_fc/kernel"] == EXPECTED[mesh]["h/mlp/c_fc/kernel"]
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves_with_path(tree)
+
+
+def test_mesh_errors_are_clear():
+    with pytest.raises(jaxlm.JaxlmError, match="has 6 devices but 8 are available"):
+        sharding.parse_mesh("data=2,fsdp=3", 8)
+    with pytest.raises(jaxlm.JaxlmError, match="bad mesh"):
+        sharding.parse_mesh("dp=8", 8)
+    with pytest.raises(jaxlm.JaxlmError, match="at most one may be -1"):
+        sharding.parse_mesh("data=-1,fsdp=-1", 8)
+    assert sharding.parse_mesh("fsdp=2,data=-1", 8) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert sharding.parse_mesh(None, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+def test_indivisible_dimension_names_the_parameter():
+    r = run_py(
+        "-c",
+        "from jaxlm import sharding, GPTConfig\n"
+        "c = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=36)\n"
+        "sharding.param_shardings(c, sharding.make_mesh('fsdp=8'))",
+        env=EIGHT,
+    )
+    assert r.returncode != 0
+    assert "h/attn/c_attn/bias" in r.stderr or "shape" in r.stderr
+    assert "36 is not divisible by 8" in r.stderr

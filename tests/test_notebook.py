@@ -40,9 +40,7 @@ def test_colab_notebook_runs_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     nb.cells = [_redirect_outputs(c, tmp_path) for c in nb.cells]
     NotebookClient(nb, timeout=600, kernel_name="python3").execute()
-    text = "\n".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-    )
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "4 cpu devices" in text
     assert "converted" in text and "final train loss" in text
     assert (tmp_path / "out-shakespeare" / "metrics.jsonl").is_file()

@@ -8,6 +8,7 @@ with attention scores materialised (the XLA path; cuDNN flash attention on GPU a
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,8 +36,7 @@ class Memory:
 
 def sharded_param_elements(config: GPTConfig, mesh: dict[str, int]) -> int:
     """Parameter elements held by one device when params are sharded by RULES over `mesh`."""
-    shapes = jax.tree.leaves(param_shapes(config))
-    specs = jax.tree.leaves(logical_axes(config), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    shapes, specs = _shapes_and_axes(config)
     total = 0
     for shape, spec in zip(shapes, specs, strict=True):
         mesh_axes = nn.logical_to_mesh_axes(spec, RULES)
@@ -46,6 +46,13 @@ def sharded_param_elements(config: GPTConfig, mesh: dict[str, int]) -> int:
             n *= math.ceil(dim / math.prod(mesh[a] for a in axes))
         total += n
     return total
+
+
+@functools.cache
+def _shapes_and_axes(config: GPTConfig):
+    shapes = jax.tree.leaves(param_shapes(config))
+    specs = jax.tree.leaves(logical_axes(config), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return shapes, specs
 
 
 def activation_bytes(config: GPTConfig, batch: int, seq: int, tensor: int, remat: bool, bytes_per: int) -> float:

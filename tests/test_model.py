@@ -97,9 +97,10 @@ def test_kv_cache_matches_full_forward(params, tokens):
     full = _apply(CONFIG, params, tokens)
     cache = jaxlm.init_cache(CONFIG, tokens.shape[0], CONFIG.block_size)
     prefix, cache = _apply(CONFIG, params, tokens[:, :9], cache=cache, cache_index=0)
+    decode = jax.jit(lambda p, tok, cache, t: _apply(CONFIG, p, tok, cache=cache, cache_index=t))
     steps = [prefix]
     for t in range(9, tokens.shape[1]):
-        step, cache = _apply(CONFIG, params, tokens[:, t : t + 1], cache=cache, cache_index=t)
+        step, cache = decode(params, tokens[:, t : t + 1], cache, t)
         steps.append(step)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
 

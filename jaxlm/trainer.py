@@ -309,10 +309,7 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print) -> Set
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
-    devices = jax.devices()
-    if cfg.mesh is None and devices[0].platform == "cpu":  # CPU cores as devices: use as many as divide the batch
-        devices = devices[: max(d for d in range(1, len(devices) + 1) if cfg.batch_size % d == 0)]
-    mesh = sharding.make_mesh(cfg.mesh, devices)
+    mesh = sharding.make_mesh(cfg.mesh)
     if cfg.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise JaxlmError(
             f"--batch-size {cfg.batch_size} must be divisible by the data x fsdp mesh size "
@@ -566,18 +563,6 @@ def keep_freed_memory():
     mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
-def use_cpu_cores(batch_size: int):
-    """Expose each CPU core as a JAX device (the largest count that divides the batch), so the default mesh runs
-    data parallel across cores: XLA runs one small model's step on about one core, and this is ~2x on two.
-
-    Only affects the CPU platform (GPU/TPU hosts keep their accelerators) and only before JAX initialises.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = max(d for d in range(1, cores + 1) if batch_size % d == 0)
-    with contextlib.suppress(RuntimeError):  # already initialised: keep what it has
-        jax.config.update("jax_num_cpu_devices", n)
-
-
 def _persistent_compile_cache():
     """Cache compiled steps on disk (unless the user chose a cache): a resumed or repeated run skips compiling."""
     if jax.config.jax_compilation_cache_dir is None:
@@ -767,8 +752,6 @@ def main(argv=None) -> int:
 
     values, explicit = parse_train_flags(argv)
     keep_freed_memory()
-    if values["mesh"] is None:
-        use_cpu_cores(values["batch_size"])
     distributed.initialize(values["coordinator_address"], values["num_processes"], values["process_id"])
     if values["init_from"] == "resume":  # the stored run's config is the base the flags override
         previous = _run_meta(Path(values["out_dir"]).expanduser())

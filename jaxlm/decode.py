@@ -24,8 +24,8 @@ FUSED_ROWS = 32  # up to this many rows, x @ W.T as a fused multiply-reduce (fas
 def prepare(params, c: GPTConfig) -> dict:
     """Decode-layout weights in the compute dtype: per-layer dicts, kernels [out, in] (one copy).
 
-    Done in numpy (zero-copy views of CPU arrays): as one XLA program its ~100 transposes and
-    slices took longer to compile than the whole decode loop.
+    Done in numpy (zero-copy views of CPU arrays): as one XLA program, its ~100 slices and
+    transposes took about 4 s to compile for the 124M model.
     """
     dtype = jnp.dtype(c.dtype)
     h = jax.tree.map(np.asarray, jax.device_get(params["h"]))

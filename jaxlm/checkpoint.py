@@ -85,12 +85,22 @@ def load(path, shardings=None):
     """
     path = Path(path).absolute()
     meta = read_meta(path)
-    try:
-        config = GPTConfig.from_dict(meta["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path / META_FILE} holds an invalid model config: {e}") from None
+    config = _config(meta, path)
     params = restore_pytree(path / "params", param_shapes(config), shardings)
     return config, params, meta.get("tokenizer")
+
+
+def read_config(path) -> GPTConfig:
+    """The GPTConfig of a jaxlm checkpoint directory (its jaxlm.json; the params are not read)."""
+    path = Path(path).absolute()
+    return _config(read_meta(path), path)
+
+
+def _config(meta: dict, path: Path) -> GPTConfig:
+    try:
+        return GPTConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / META_FILE} holds an invalid model config: {e}") from None
 
 
 def restore_pytree(directory, abstract, shardings=None):
@@ -149,6 +159,22 @@ def save_run_step(manager: ocp.CheckpointManager, step: int, trees: dict, meta: 
     """Start writing `trees` (params, opt_state, progress) and `meta` as `step`; returns before the write ends."""
     items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
     manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def read_run_config(run_dir) -> GPTConfig:
+    """The GPTConfig of a training run's latest checkpoint (its JSON meta; no arrays are read)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints").is_dir():
+        raise JaxlmError(f"{run_dir} holds no checkpoints/; it is not a training run")
+    manager = run_manager(run_dir / "checkpoints", read_only=True)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise JaxlmError(f"{run_dir} holds no complete checkpoint yet; train longer or pick another run")
+        meta = restore_run_step(manager, step)["meta"]
+    finally:
+        manager.close()
+    return GPTConfig.from_dict(meta["model"])
 
 
 def restore_run_step(manager: ocp.CheckpointManager, step: int, abstract: dict | None = None) -> dict:

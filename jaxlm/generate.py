@@ -8,25 +8,35 @@ recompiles; the executables are compiled ahead of time, which is how `stats.comp
 
 Output: one list per prompt of the new tokens only, ending at (and including) `eos_id` when the
 row produced it. Prompt + new tokens must fit the model's block_size (no sliding window).
+
+Two paths share the prompt handling and the loop: without a mesh, `jaxlm.decode`'s single-device
+layout (fastest on one device); with a mesh (`Generator(params, config, mesh=...)`), `GPT.apply` with
+its stacked KV cache over params left sharded as `jaxlm.sharding` places them, so a model too big
+for one device generates tensor-parallel. Same tokens either way, up to float rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import decode
+from . import decode, sharding
 from .config import GPTConfig
 from .errors import JaxlmError
+from .model import GPT, init_cache
 from .sampling import Sampling, next_tokens, row_keys
 from .tokenizer import GPT2_EOT_ID
 
@@ -66,6 +76,7 @@ def generate(
     seed: int = 0,
     eos_id: int | None | str = _AUTO,
     on_tokens: Callable | None = None,
+    mesh: Mesh | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (a list of token-id lists, lengths may differ).
 
@@ -74,9 +85,9 @@ def generate(
     has it, None never stops early. An empty prompt is an error: start from [eos_id] instead.
     `on_tokens(tokens_B, step, done_B)` is called on the host as each step's tokens exist
     (streaming). To call repeatedly with the same weights, use `Generator`, which keeps them in
-    decode layout.
+    decode layout. `mesh` (from `jaxlm.sharding.make_mesh`): generate sharded over it (see `Generator`).
     """
-    return Generator(params, config)(
+    return Generator(params, config, mesh=mesh)(
         prompts,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -89,12 +100,29 @@ def generate(
 
 
 class Generator:
-    """`generate` over weights prepared once (a decode-layout copy); `stats` describes the last call."""
+    """`generate` over weights prepared once; `stats` describes the last call.
 
-    def __init__(self, params, config: GPTConfig):
+    Without a mesh the weights are copied once into `jaxlm.decode`'s single-device layout. With one,
+    they stay where they are: params already on `mesh` keep their sharding, others are placed by
+    `jaxlm.sharding.param_shardings` (device to device; never gathered), and prefill and decode run
+    `GPT.apply` traced under the mesh, the KV cache split like the activations (batch over
+    data/fsdp as far as the batch divides, heads over tensor).
+    """
+
+    def __init__(self, params, config: GPTConfig, mesh: Mesh | None = None):
         self.config = config
-        self.dparams = decode.prepare(params, config)
+        self.mesh = mesh
+        if mesh is None:
+            self.dparams = decode.prepare(params, config)
+            self._weights_key = None
+        else:
+            self.params = _place_on(mesh, params, sharding.param_shardings(config, mesh))
+            self._weights_key = tuple(x.sharding for x in jax.tree.leaves(self.params))
         self.stats = GenerateStats()
+
+    @property
+    def _weights(self):
+        return self.dparams if self.mesh is None else self.params
 
     def __call__(
         self,
@@ -127,24 +155,29 @@ class Generator:
 
         greedy, k, use_top_p = sampling.statics(c.vocab_size)
         stats = GenerateStats(batch=B, prompt_bucket=P, cache_slots=P + N)
-        prompt_args = (self.dparams, tokens_BxP, positions_BxP, valid_BxP)
-        pre = _compiled(("prefill", c, B, P), jax.jit(partial(decode.prefill, c=c)), prompt_args, stats)
+        path = _OneDevice(c) if self.mesh is None else _Sharded.for_batch(c, self.mesh, B)
+        prompt_args = (self._weights, *path.rows(tokens_BxP, positions_BxP, valid_BxP))
+        with path.tracing():
+            pre = _compiled(("prefill", path, B, P, self._weights_key), jax.jit(path.prefill), prompt_args, stats)
         t0 = time.perf_counter()
         first = jax.block_until_ready(pre(*prompt_args))
         stats.prefill_s = time.perf_counter() - t0
 
-        statics = dict(c=c, N=N, greedy=greedy, top_k=k, use_top_p=use_top_p, stream=on_tokens is not None)
+        statics = dict(path=path, P=P, N=N, greedy=greedy, top_k=k, use_top_p=use_top_p, stream=on_tokens is not None)
         loop_args = (
-            self.dparams,
+            self._weights,
             first,
-            lengths_B,
-            row_keys(int(sampling.seed), B),
-            np.float32(max(sampling.temperature, 1e-6)),
-            np.float32(sampling.top_p),
-            np.int32(-1 if eos is None else eos),
-            np.int32(max_new_tokens),
+            *path.rows(lengths_B, row_keys(int(sampling.seed), B)),
+            *path.scalars(
+                np.float32(max(sampling.temperature, 1e-6)),
+                np.float32(sampling.top_p),
+                np.int32(-1 if eos is None else eos),
+                np.int32(max_new_tokens),
+            ),
         )
-        loop = _compiled(("decode", B, P, *statics.items()), jax.jit(partial(_decode, **statics)), loop_args, stats)
+        key = ("decode", B, self._weights_key, *statics.items())
+        with path.tracing():
+            loop = _compiled(key, jax.jit(partial(_decode, **statics)), loop_args, stats)
         with _stream_to(on_tokens) as stream:
             t0 = time.perf_counter()
             out_BxN, steps = stream.run(loop, loop_args)
@@ -156,20 +189,23 @@ class Generator:
         return result
 
 
-def _decode(dp, first, lengths_B, keys_B, temperature, top_p, eos, max_new, *, c, N, greedy, top_k, use_top_p, stream):
-    """Sample the first token from the prefill's logits, then one while_loop: step, sample, record."""
+def _decode(
+    w, first, lengths_B, keys_B, temperature, top_p, eos, max_new, *, path, P, N, greedy, top_k, use_top_p, stream
+):
+    """Sample the first token from the prefill's logits, then one while_loop: step, sample, record.
+
+    `path` (`_OneDevice` or `_Sharded`) supplies the model: its cache layout and one decode step.
+    """
     logits_BxV, kv = first
-    B, _, P, _ = kv[0][0].shape
+    B = lengths_B.shape[0]
     S = P + N
-    cache = [
-        tuple(jnp.zeros((B, c.n_head, S, c.head_dim), x.dtype).at[:, :, :P].set(x) for x in layer_kv) for layer_kv in kv
-    ]
+    cache = path.grow(kv, S)
     valid_BxS = jnp.arange(S)[None] >= (P - lengths_B)[:, None]
     sample = partial(next_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
 
     def record(i, tok_B, done_B, out_BxN):
         if stream:
-            io_callback(_emit, None, tok_B, i, done_B, ordered=False)
+            io_callback(_emit, None, *path.whole(tok_B, i, done_B), ordered=False)
         return jax.lax.dynamic_update_slice(out_BxN, tok_B[:, None], (jnp.zeros((), jnp.int32), i))
 
     tok_B = sample(logits_BxV, keys_B, 0, temperature, top_p)
@@ -178,7 +214,7 @@ def _decode(dp, first, lengths_B, keys_B, temperature, top_p, eos, max_new, *, c
 
     def body(carry):
         i, tok_B, done_B, cache, out_BxN = carry
-        logits_BxV, cache = decode.step(dp, tok_B, lengths_B + i - 1, cache, P + i - 1, valid_BxS, c=c)
+        logits_BxV, cache = path.step(w, tok_B, lengths_B + i - 1, cache, P + i - 1, valid_BxS)
         new_B = sample(logits_BxV, keys_B, i, temperature, top_p)
         new_B = jnp.where(done_B, jnp.maximum(eos, 0), new_B)  # finished rows repeat EOS (dropped later)
         done_B = done_B | (new_B == eos)
@@ -190,6 +226,122 @@ def _decode(dp, first, lengths_B, keys_B, temperature, top_p, eos, max_new, *, c
 
     i, _, _, _, out_BxN = jax.lax.while_loop(cond, body, (jnp.int32(1), tok_B, done_B, cache, out_BxN))
     return out_BxN, i
+
+
+@dataclass(frozen=True)
+class _OneDevice:
+    """`jaxlm.decode`'s layout on one device: per-layer (k, v) caches [B, H, S, K]."""
+
+    c: GPTConfig
+
+    def tracing(self):
+        return contextlib.nullcontext()
+
+    def rows(self, *arrays):
+        return arrays
+
+    def scalars(self, *values):
+        return values
+
+    def whole(self, *arrays):
+        return arrays
+
+    def prefill(self, dp, tokens_BxP, positions_BxP, valid_BxP):
+        return decode.prefill(dp, tokens_BxP, positions_BxP, valid_BxP, c=self.c)
+
+    def grow(self, kv, S):
+        c = self.c
+        B, _, P, _ = kv[0][0].shape
+        return [
+            tuple(jnp.zeros((B, c.n_head, S, c.head_dim), x.dtype).at[:, :, :P].set(x) for x in layer_kv)
+            for layer_kv in kv
+        ]
+
+    def step(self, dp, tokens_B, positions_B, cache, slot, valid_BxS):
+        return decode.step(dp, tokens_B, positions_B, cache, slot, valid_BxS, c=self.c)
+
+
+@dataclass(frozen=True)
+class _Sharded:
+    """`GPT.apply` over sharded params, traced under the mesh; its stacked cache {"k", "v"}
+    [L, B, S, H, K] split over `batch_axes` (the mesh axes that divide the batch) and tensor (heads)."""
+
+    c: GPTConfig
+    mesh: Mesh
+    batch_axes: tuple[str, ...]
+
+    @classmethod
+    def for_batch(cls, c: GPTConfig, mesh: Mesh, B: int) -> _Sharded:
+        """Split the batch over data and fsdp, or over the one of them (or none) that divides it."""
+        for axes in (("data", "fsdp"), ("data",), ("fsdp",), ()):
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if B % math.prod(mesh.shape[a] for a in axes) == 0:
+                return cls(c, mesh, axes)
+        raise AssertionError("unreachable: the empty split divides every batch")
+
+    def _sharding(self, *spec):
+        return NamedSharding(self.mesh, PartitionSpec(*spec))
+
+    def _batch(self):
+        return self.batch_axes or None
+
+    @contextlib.contextmanager
+    def tracing(self):
+        """The mesh and its logical-axis rules, with "batch" over the axes this batch divides."""
+        rules = tuple(("batch", self._batch()) if name == "batch" else (name, v) for name, v in sharding.RULES)
+        with sharding.activate(self.mesh), nn.logical_axis_rules(rules):
+            yield
+
+    def rows(self, *arrays):
+        return tuple(jax.device_put(x, self._sharding(self._batch(), *[None] * (np.ndim(x) - 1))) for x in arrays)
+
+    def scalars(self, *values):
+        return tuple(jax.device_put(v, self._sharding()) for v in values)
+
+    def whole(self, *arrays):
+        """Replicated, e.g. for a host callback (which reads them from the first device)."""
+        return tuple(jax.lax.with_sharding_constraint(x, self._sharding()) for x in arrays)
+
+    def _cache(self, cache):
+        s = self._sharding(None, self._batch(), None, "tensor", None)
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, s), cache)
+
+    def _apply(self, params, tokens_BxT, positions_BxT, cache, index, valid_BxS):
+        logits_BxTxV, cache = GPT(self.c).apply(
+            {"params": params}, tokens_BxT, positions_BxT, cache=cache, cache_index=index, kv_mask_BxS=valid_BxS
+        )
+        # Whole rows of logits for sampling (a gather of B x V floats): the same draws as on one device.
+        logits_BxV = jax.lax.with_sharding_constraint(logits_BxTxV[:, -1], self._sharding(self._batch(), None))
+        return logits_BxV, self._cache(cache)
+
+    def prefill(self, params, tokens_BxP, positions_BxP, valid_BxP):
+        """All but the last prompt slot fill the cache (their logits are never computed); the last is
+        a decode step, so only one position goes through the LM head."""
+        B, P = tokens_BxP.shape
+        cache = self._cache(init_cache(self.c, B, P))
+        if P > 1:
+            _, cache = self._apply(params, tokens_BxP[:, :-1], positions_BxP[:, :-1], cache, 0, valid_BxP)
+        return self._apply(params, tokens_BxP[:, -1:], positions_BxP[:, -1:], cache, P - 1, valid_BxP)
+
+    def grow(self, kv, S):
+        P = kv["k"].shape[2]
+        return self._cache(
+            {name: jnp.zeros(x.shape[:2] + (S,) + x.shape[3:], x.dtype).at[:, :, :P].set(x) for name, x in kv.items()}
+        )
+
+    def step(self, params, tokens_B, positions_B, cache, slot, valid_BxS):
+        return self._apply(params, tokens_B[:, None], positions_B[:, None], cache, slot, valid_BxS)
+
+
+def _place_on(mesh: Mesh, params, shardings):
+    """Params already on `mesh` as they are; others moved onto `shardings` (device to device)."""
+
+    def place(x, s):
+        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, s)
+
+    return jax.tree.map(place, params, shardings)
 
 
 # Executables by (what, shapes, statics), compiled ahead of time so compile time is measurable.

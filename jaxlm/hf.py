@@ -148,8 +148,8 @@ def _weight_files(path: Path) -> list[Path]:
     )
 
 
-def load_hf_dir(path, progress=None, **config_overrides):
-    """(config, params as numpy) from a directory written by `save_pretrained`."""
+def read_config(path, **config_overrides) -> GPTConfig:
+    """The GPTConfig of an HF model directory (its config.json; the weights are not read)."""
     path = Path(path)
     cfg_file = path / "config.json"
     try:
@@ -158,7 +158,13 @@ def load_hf_dir(path, progress=None, **config_overrides):
         raise HFFormatError(f"{path} has no config.json; it is not a Hugging Face model directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HFFormatError(f"{cfg_file} is corrupt ({e})") from None
-    config = config_from_hf(hf_cfg, **config_overrides)
+    return config_from_hf(hf_cfg, **config_overrides)
+
+
+def load_hf_dir(path, progress=None, **config_overrides):
+    """(config, params as numpy) from a directory written by `save_pretrained`."""
+    path = Path(path)
+    config = read_config(path, **config_overrides)
 
     tensors: dict[str, np.ndarray] = {}
     for f in _weight_files(path):

@@ -64,6 +64,16 @@ def load_with_tokenizer(source, *, shardings=None, progress=None, **config_overr
     return config, params, tok
 
 
+def read_config(source, **config_overrides):
+    """The GPTConfig of `source` (as `load` takes it) without reading the weights: e.g. to build the
+    `shardings` to load it with. A hub id is downloaded (then cached)."""
+    kind, path = resolve(source)
+    if kind == "hf":
+        return hf.read_config(path, **config_overrides)
+    config = checkpoint.read_run_config(path) if kind == "run" else checkpoint.read_config(path)
+    return config.replace(**config_overrides) if config_overrides else config
+
+
 def _place(params, shardings):
     if shardings is None:
         return jax.tree.map(jax.numpy.asarray, params)

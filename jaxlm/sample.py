@@ -7,9 +7,10 @@ import codecs
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from . import loader
+from . import loader, sharding
 from .errors import JaxlmError
 from .generate import Generator
 from .sampling import Sampling
@@ -50,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--top-k", type=int, default=200, help="draw from the k most likely tokens only (0: all)")
     flag("--top-p", type=float, default=1.0, help="draw from the smallest set with this much probability (1: all)")
     flag("--seed", type=int, default=1337, help="same seed, same samples")
+    flag(
+        "--mesh",
+        default=None,
+        help="sample sharded over a device mesh, e.g. tensor=2 or data=2,fsdp=2,tensor=2 (the first devices "
+        "when the sizes multiply to fewer than all): tensor splits heads, MLP and vocab, for a model too big for "
+        "one device, and must divide n_head. None: one device, the fastest path for a model that fits",
+    )
     return p
 
 
@@ -65,8 +73,16 @@ def main(argv=None) -> int:
     text = _read_start(args.start)
 
     source = _source(args.init_from, args.out_dir)
+    mesh, shardings, load_from = None, None, source
+    if args.mesh:
+        mesh = sharding.make_mesh(args.mesh, fewer=True)  # a bad spec fails before any loading
+        kind, path = loader.resolve(source)
+        shardings = sharding.param_shardings(loader.read_config(path), mesh)
+        sizes = ",".join(f"{a}={n}" for a, n in mesh.shape.items())
+        print(f"mesh {sizes} on {mesh.size} of {jax.device_count()} devices", file=sys.stderr, flush=True)
+        load_from = path if kind == "hf" else source  # a hub id: its local copy, downloaded once
     print(f"loading {source} ...", file=sys.stderr, flush=True)
-    config, params, spec = loader.load_with_tokenizer(source)
+    config, params, spec = loader.load_with_tokenizer(load_from, shardings=shardings)
     tokenizer = _tokenizer(spec, config, source)
     ids = tokenizer.encode(text)
     if not ids:
@@ -77,8 +93,8 @@ def main(argv=None) -> int:
         raise JaxlmError(f"the prompt ({len(ids)} tokens) {what} the model's block_size ({config.block_size})")
     max_new = args.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, config.block_size - len(ids))
 
-    generator = Generator(params, config)
-    del params  # the generator holds its own (decode-layout) copy
+    generator = Generator(params, config, mesh=mesh)
+    del params  # the generator holds its own decode-layout copy (with a mesh: these same sharded arrays)
     printer = StreamPrinter(tokenizer, [ids] * args.num_samples)
     generator(
         [ids] * args.num_samples,

@@ -39,10 +39,11 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def parse_mesh(spec: str | dict | None, n_devices: int | None = None) -> dict[str, int]:
+def parse_mesh(spec: str | dict | None, n_devices: int | None = None, *, fewer: bool = False) -> dict[str, int]:
     """ "data=2,fsdp=2,tensor=2" (one axis may be -1: the remaining devices) -> {axis: size}.
 
-    Axes left out are 1; no spec puts every device on `data`.
+    Axes left out are 1; no spec puts every device on `data`. The sizes must multiply to the device
+    count, or with `fewer` to at most it (a mesh over the first devices).
     """
     n = n_devices or jax.device_count()
     if spec is None or spec == "":
@@ -69,7 +70,12 @@ def parse_mesh(spec: str | dict | None, n_devices: int | None = None) -> dict[st
         if n % known:
             raise JaxlmError(f"mesh {spec!r}: {n} devices are not divisible by {known}")
         sizes[wild[0]] = n // known
-    if math.prod(sizes.values()) != n:
+    if fewer and math.prod(sizes.values()) > n:
+        raise JaxlmError(
+            f"mesh {spec!r} needs {math.prod(sizes.values())} devices but only {n} are available; "
+            "make the sizes multiply to at most the device count"
+        )
+    if not fewer and math.prod(sizes.values()) != n:
         raise JaxlmError(
             f"mesh {spec!r} has {math.prod(sizes.values())} devices but {n} are available; "
             "make the sizes multiply to the device count or use -1 for one axis"
@@ -77,10 +83,14 @@ def parse_mesh(spec: str | dict | None, n_devices: int | None = None) -> dict[st
     return sizes
 
 
-def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices (of all processes), Auto axis types."""
+def make_mesh(spec: str | dict | None = None, devices=None, *, fewer: bool = False) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices (of all processes), Auto axis types.
+
+    `fewer`: the sizes may multiply to less than the device count; the mesh then takes the first devices.
+    """
     devices = devices if devices is not None else jax.devices()
-    sizes = parse_mesh(spec, len(devices))
+    sizes = parse_mesh(spec, len(devices), fewer=fewer)
+    devices = devices[: math.prod(sizes.values())]
     shape = tuple(sizes[a] for a in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 

@@ -3,7 +3,8 @@
     python bench/bench_train.py                 # every case, each in its own process; prints a markdown table
     python bench/bench_train.py --case gpt2-f32 --steps 5
 
-Each case runs jaxlm's real train step (jitted, donated, sharded over all devices, batches built on the host
+Each case runs jaxlm's real train step (jitted, donated, sharded over all devices -- on a CPU, each core is a
+device for small models, as in train.py -- batches built on the host
 from the prepared dataset while the previous step runs), after a warm-up step, with no eval or checkpoints.
 Peak memory is the process's maximum resident set size. MFU uses GPTConfig.flops_per_token (6N + 12LTD per
 token) over the peak measured here by a large jitted matmul of the same dtype.
@@ -25,7 +26,13 @@ CASES = {
     "default": dict(config="shakespeare-char", steps=50, dataset="shakespeare_char"),
     # GPT-2 124M, batch 4 x 256 tokens, float32 and bfloat16 compute (params stay float32).
     "gpt2-f32": dict(
-        config="gpt2-124m", steps=4, dataset="shakespeare", batch_size=4, block_size=256, gradient_accumulation_steps=1
+        config="gpt2-124m",
+        steps=4,
+        dataset="shakespeare",
+        batch_size=4,
+        block_size=256,
+        gradient_accumulation_steps=1,
+        dtype="float32",
     ),
     "gpt2-bf16": dict(
         config="gpt2-124m",
@@ -56,11 +63,13 @@ def run_case(name: str, steps: int | None = None) -> dict:
     from jaxlm import data, sharding, trainer
     from jaxlm.config import TrainConfig
 
-    trainer.keep_freed_memory()
     spec = dict(CASES[name])
     preset, steps = spec.pop("config"), steps or spec.pop("steps")
     spec.pop("steps", None)
     cfg = TrainConfig.preset(preset, **spec)
+    if trainer.is_small(cfg):  # as train.py does for small models
+        trainer.keep_freed_memory()
+        trainer.use_cpu_cores(cfg.batch_size)
     ds = data.resolve_dataset(cfg.dataset, cfg.tokenizer)
     config = cfg.model_config(ds.vocab_size)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -93,6 +102,7 @@ def run_case(name: str, steps: int | None = None) -> dict:
         loss = float(m["loss"])
         seconds = (time.perf_counter() - t) / steps
     peak = matmul_peak("bfloat16" if config.dtype == "bfloat16" else "float32")
+    cpu = jax.devices()[0].platform == "cpu"
     tokens = A * B * T
     flops = config.flops_per_token(T) * tokens / seconds
     return {
@@ -104,7 +114,8 @@ def run_case(name: str, steps: int | None = None) -> dict:
         "tokens_per_s": round(tokens / seconds),
         "tflops": round(flops / 1e12, 4),
         "matmul_peak_tflops": round(peak / 1e12, 4),
-        "mfu_vs_matmul_peak": round(flops / (peak * jax.device_count()), 3),
+        # CPU "devices" share the host's cores, and the matmul peak is measured with all of them.
+        "mfu_vs_matmul_peak": round(flops / (peak * (1 if cpu else jax.device_count())), 3),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "compile_s": round(compile_s, 1),
         "loss": round(loss, 3) if np.isfinite(loss) else loss,

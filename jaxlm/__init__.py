@@ -1,6 +1,6 @@
 """jaxlm: GPT-2 in JAX/Flax. The public API."""
 
-from .config import PRESETS, GPTConfig
+from .config import PRESETS, TRAIN_PRESETS, GPTConfig, TrainConfig
 from .errors import JaxlmError
 from .generate import GenerateStats, Generator, generate
 from .hf import to_hf
@@ -12,6 +12,8 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "PRESETS",
+    "TRAIN_PRESETS",
+    "TrainConfig",
     "CharTokenizer",
     "GPT2Tokenizer",
     "GenerateStats",
@@ -23,8 +25,20 @@ __all__ = [
     "init_cache",
     "init_params",
     "load",
+    "load_run",
     "load_with_tokenizer",
     "logical_axes",
     "save",
     "to_hf",
+    "train",
 ]
+
+
+def __getattr__(name):
+    # Imported on first use: importing the trainer (and with it jaxlm.data) here would make
+    # `python -m jaxlm.data` warn that the module was imported before it ran.
+    if name in ("train", "load_run"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'jaxlm' has no attribute {name!r}")

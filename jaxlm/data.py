@@ -80,7 +80,9 @@ class TokenData:
 
 def batch_offsets(seed: int, split: str, step: int, n_rows: int, n_tokens: int, block_size: int) -> np.ndarray:
     """Start offsets of the `n_rows` sequences of `step`'s global batch: a pure function of its arguments."""
-    rng = np.random.Generator(np.random.Philox(key=[seed & (2**64 - 1), SPLITS[split]], counter=[step, 0, 0, 0]))
+    # Seeded by the whole (seed, split, step) tuple: independent streams per step. (A Philox counter set to
+    # `step` would not do: step s+1's draws would start inside step s's, repeating a third of its windows.)
+    rng = np.random.default_rng([seed & (2**64 - 1), SPLITS[split], step])
     return rng.integers(0, n_tokens - block_size, size=n_rows)
 
 

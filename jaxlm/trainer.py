@@ -563,6 +563,36 @@ def keep_freed_memory():
     mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
+# Models up to this many (non-embedding) params train data parallel over CPU cores and keep freed memory;
+# bigger ones keep one device, whose ops are large enough to use every core, one copy of the weights and
+# optimizer state, and glibc's default of returning big freed blocks (else 124M peaks at ~12 GiB, not ~4).
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+def is_small(cfg: TrainConfig) -> bool:
+    """A model trained from scratch or resumed with at most SMALL_MODEL_PARAMS non-embedding params."""
+    return cfg.init_from in ("scratch", "resume") and 12 * cfg.n_layer * cfg.n_embd**2 <= SMALL_MODEL_PARAMS
+
+
+def use_cpu_cores(batch_size: int):
+    """On a CPU host, expose each core as a JAX device (as many as divide the batch), so the default mesh
+    runs data parallel across the cores.
+
+    XLA runs a small model's step on about one core at a time (its ops are too small to split), so two
+    cores as two devices train the default model about 1.25x faster. Only the CPU platform is affected
+    (GPU/TPU hosts keep their accelerators), and only before JAX initialises; a device count the user
+    set (XLA_FLAGS or JAX_NUM_CPU_DEVICES) wins.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or os.environ.get(
+        "JAX_NUM_CPU_DEVICES"
+    ):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = max(d for d in range(1, cores + 1) if batch_size % d == 0)
+    with contextlib.suppress(RuntimeError):  # already initialised: keep what it has
+        jax.config.update("jax_num_cpu_devices", n)
+
+
 def _persistent_compile_cache():
     """Cache compiled steps on disk (unless the user chose a cache): a resumed or repeated run skips compiling."""
     if jax.config.jax_compilation_cache_dir is None:
@@ -573,7 +603,8 @@ def _persistent_compile_cache():
 def train(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print) -> dict:
     """Train as `cfg` says; returns a summary {"step", "val_loss", "seconds", "out_dir", "stopped_by"}."""
     t_start = time.perf_counter()
-    keep_freed_memory()
+    if is_small(cfg):
+        keep_freed_memory()
     _persistent_compile_cache()
     log = log if jax.process_index() == 0 else (lambda *a, **k: None)
     stop = _StopFlag()
@@ -623,7 +654,7 @@ def _loop(s: Setup, stop: _StopFlag, log, t_start: float) -> dict:
 
     peak = cfg.peak_flops or peak_flops_per_device()
     if peak is None and jax.devices()[0].platform == "cpu":
-        peak = measure_matmul_flops(1024, seconds=0.3) / len(jax.devices())  # a rough practical peak
+        peak = measure_matmul_flops(2048, seconds=0.5) / len(jax.devices())  # the practical peak bench/ uses
     flops_per_step = config.flops_per_token(T) * A * B * T
 
     manager = _open_manager(out, cfg.keep_checkpoints)
@@ -751,7 +782,6 @@ def main(argv=None) -> int:
     from .config import parse_train_flags
 
     values, explicit = parse_train_flags(argv)
-    keep_freed_memory()
     distributed.initialize(values["coordinator_address"], values["num_processes"], values["process_id"])
     if values["init_from"] == "resume":  # the stored run's config is the base the flags override
         previous = _run_meta(Path(values["out_dir"]).expanduser())
@@ -760,6 +790,11 @@ def main(argv=None) -> int:
         cfg = _resume_config(values, explicit, previous[1])
     else:
         cfg = TrainConfig(**values)
+    single_process = values["coordinator_address"] is None and values["num_processes"] is None
+    if is_small(cfg):
+        keep_freed_memory()
+        if cfg.mesh is None and single_process:
+            use_cpu_cores(cfg.batch_size)
     with distributed.fail_fast_on_peer_loss():
         summary = train(cfg, explicit)
     if summary["stopped_by"] is None and jax.process_index() == 0:

@@ -1,0 +1,130 @@
+"""nanoGPT's model and training step in PyTorch eager: the same-run reference for bench_train's nanogpt-cpu case.
+
+    python bench/nanogpt_torch.py --iters 200 [--compile]
+
+A compact transcription of karpathy/nanoGPT's model.py (LayerNorm with bias, fused c_attn,
+scaled_dot_product_attention, exact GELU, tied head, 0.02 init) and train.py's step (AdamW betas
+(0.9, 0.99) with weight decay on 2-D params, clip 1.0, warmup 100 then cosine to 1e-4 at --iters, random
+windows from the train split), on the same tokens jaxlm trains on. Prints one JSON line: ms per iteration
+(first 10 iterations excluded) and, as nanoGPT's estimate_loss does, the mean val loss of 20 random batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, h: int):
+        super().__init__()
+        self.h = h
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.attn_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(D, dim=2)
+        q, k, v = (t.view(B, T, self.h, D // self.h).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).contiguous().view(B, T, D)
+        x = x + self.attn_proj(y)
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, vocab: int, block: int, n_layer: int, n_head: int, d: int):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
+        self.h = nn.ModuleList(Block(d, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for b in self.h:
+            x = b(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def run(iters: int, compile_model: bool = False, threads: int | None = None) -> dict:
+    from jaxlm import data
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(1337)
+    ds = data.resolve_dataset("shakespeare_char", "char")
+    L, H, D, T, B = 4, 4, 128, 64, 12  # nanoGPT's README CPU flags for shakespeare_char
+    model = NanoGPT(ds.vocab_size, T, L, H, D)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99)
+    )
+    step_model = torch.compile(model) if compile_model else model
+    splits = {k: torch.from_numpy(getattr(ds, k).astype(np.int64)) for k in ("train", "val")}
+    gen = np.random.default_rng(1337)
+
+    def batch(split):
+        tokens = splits[split]
+        ix = torch.from_numpy(gen.integers(0, len(tokens) - T - 1, B))
+        return torch.stack([tokens[i : i + T] for i in ix]), torch.stack([tokens[i + 1 : i + 1 + T] for i in ix])
+
+    def lr_at(it):  # nanoGPT's get_lr: linear warmup 100, cosine to 1e-4 at iters
+        if it < 100:
+            return 1e-3 * (it + 1) / 101
+        ratio = min(1.0, (it - 100) / max(1, iters - 100))
+        return 1e-4 + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1e-3 - 1e-4)
+
+    times = []
+    for it in range(iters):
+        t = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it)
+        x, y = batch("train")
+        loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # nanoGPT syncs on the loss every log interval; on the CPU this is free
+        times.append(time.perf_counter() - t)
+    steady = times[10:] if len(times) > 20 else times
+    with torch.no_grad():  # nanoGPT's estimate_loss: mean over eval_iters=20 random val batches
+        val_loss = float(np.mean([model(*batch("val")).item() for _ in range(20)]))
+    return {
+        "ms_per_iter": round(1000 * float(np.mean(steady)), 2),
+        "threads": torch.get_num_threads(),
+        "compile": compile_model,
+        "loss": round(loss_value, 3),
+        "val_loss": round(val_loss, 4),
+        "torch": torch.__version__,
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first iterations)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the core count)")
+    args = p.parse_args()
+    print(json.dumps(run(args.iters, args.compile, args.threads)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Decode speed: jaxlm.generate vs transformers PyTorch `generate`, GPT-2 124M shape, CPU, same run.
 
-    flock /tmp/jaxlm-cpu.lock python bench/bench_generate.py            # prints a markdown table
+    python bench/bench_generate.py            # prints a markdown table (run it on a quiet machine)
 
 Greedy, 8-token prompt, 128 new tokens (no early stop), batch 1 and 8, random weights shared by
 both sides (jaxlm's init written out with `jaxlm.to_hf`), float32. jaxlm's tokens/s is the decode

@@ -19,30 +19,18 @@ import subprocess
 import sys
 import time
 
+# GPT-2 124M, batch 4 x 256 tokens; float32 and bfloat16 compute (params stay float32).
+_GPT2 = dict(
+    config="gpt2-124m", steps=4, dataset="shakespeare", batch_size=4, block_size=256, gradient_accumulation_steps=1
+)
+
 CASES = {
     # nanoGPT's README CPU run for shakespeare_char (4 layers, 128 wide, block 64, batch 12).
     "nanogpt-cpu": dict(config="nanogpt-cpu", steps=200, dataset="shakespeare_char"),
     # jaxlm's default `python train.py` model.
     "default": dict(config="shakespeare-char", steps=50, dataset="shakespeare_char"),
-    # GPT-2 124M, batch 4 x 256 tokens, float32 and bfloat16 compute (params stay float32).
-    "gpt2-f32": dict(
-        config="gpt2-124m",
-        steps=4,
-        dataset="shakespeare",
-        batch_size=4,
-        block_size=256,
-        gradient_accumulation_steps=1,
-        dtype="float32",
-    ),
-    "gpt2-bf16": dict(
-        config="gpt2-124m",
-        steps=4,
-        dataset="shakespeare",
-        batch_size=4,
-        block_size=256,
-        gradient_accumulation_steps=1,
-        dtype="bfloat16",
-    ),
+    "gpt2-f32": dict(_GPT2, dtype="float32"),
+    "gpt2-bf16": dict(_GPT2, dtype="bfloat16"),
 }
 
 

@@ -791,10 +791,8 @@ def main(argv=None) -> int:
     else:
         cfg = TrainConfig(**values)
     single_process = values["coordinator_address"] is None and values["num_processes"] is None
-    if is_small(cfg):
-        keep_freed_memory()
-        if cfg.mesh is None and single_process:
-            use_cpu_cores(cfg.batch_size)
+    if is_small(cfg) and cfg.mesh is None and single_process:  # (train() sets keep_freed_memory itself)
+        use_cpu_cores(cfg.batch_size)
     with distributed.fail_fast_on_peer_loss():
         summary = train(cfg, explicit)
     if summary["stopped_by"] is None and jax.process_index() == 0:

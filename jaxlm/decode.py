@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .attention import attend
 from .config import GPTConfig
 from .model import _layer_norm
 
@@ -80,15 +81,6 @@ def _mlp(c: GPTConfig, p, x):
     return x + _linear(h, p["out_w"], p["out_b"])
 
 
-def _softmax_attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS):
-    scale = 1.0 / np.sqrt(q_BxHxTxK.shape[-1])
-    s_BxHxTxS = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxSxK, preferred_element_type=jnp.float32) * scale
-    # finfo.min, not -inf: a fully masked row (left padding) stays finite instead of NaN.
-    s_BxHxTxS = jnp.where(mask_BxTxS[:, None], s_BxHxTxS, jnp.finfo(jnp.float32).min)
-    p_BxHxTxS = jax.nn.softmax(s_BxHxTxS, axis=-1).astype(v_BxHxSxK.dtype)
-    return jnp.einsum("bhts,bhsk->bhtk", p_BxHxTxS, v_BxHxSxK)
-
-
 def _qkv(c: GPTConfig, p, x_BxTxD):
     B, T, _ = x_BxTxD.shape
     qkv_BxTx3xHxK = _linear(_ln(c, p["ln_1"], x_BxTxD), p["qkv_w"], p["qkv_b"]).reshape(B, T, 3, c.n_head, -1)
@@ -111,7 +103,7 @@ def prefill(dp, tokens_BxT, positions_BxT, valid_BxT, *, c: GPTConfig):
     for p in dp["layers"]:
         q, k, v = _qkv(c, p, x_BxTxD)
         kv.append((k, v))
-        y_BxHxTxK = _softmax_attend(q, k, v, mask_BxTxT)
+        y_BxHxTxK = attend(q, k, v, mask_BxTxT)
         y_BxTxD = y_BxHxTxK.transpose(0, 2, 1, 3).reshape(x_BxTxD.shape)
         x_BxTxD = _mlp(c, p, x_BxTxD + _linear(y_BxTxD, p["proj_w"], p["proj_b"]))
     return _head(c, dp, x_BxTxD[:, -1]), kv
@@ -133,7 +125,7 @@ def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig):
         k_BxHxSxK = jax.lax.dynamic_update_slice(k_BxHxSxK, k.astype(k_BxHxSxK.dtype), (zero, zero, slot, zero))
         v_BxHxSxK = jax.lax.dynamic_update_slice(v_BxHxSxK, v.astype(v_BxHxSxK.dtype), (zero, zero, slot, zero))
         new_cache.append((k_BxHxSxK, v_BxHxSxK))
-        y_BxHx1xK = _softmax_attend(q, k_BxHxSxK, v_BxHxSxK, mask_Bx1xS)
+        y_BxHx1xK = attend(q, k_BxHxSxK, v_BxHxSxK, mask_Bx1xS)
         y_Bx1xD = y_BxHx1xK.transpose(0, 2, 1, 3).reshape(B, 1, -1)
         x_Bx1xD = _mlp(c, p, x_Bx1xD + _linear(y_Bx1xD, p["proj_w"], p["proj_b"]))
     return _head(c, dp, x_Bx1xD[:, 0]), new_cache

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .attention import attend
 from .config import GPTConfig
 
 Cache = dict  # {"k": LxBxSxHxK, "v": LxBxSxHxK}
@@ -83,14 +84,11 @@ class CausalSelfAttention(nn.Module):
             new_kv = (k_BxSxHxK, v_BxSxHxK)
             k_BxSxHxK, v_BxSxHxK = k_BxSxHxK.astype(c.dtype), v_BxSxHxK.astype(c.dtype)
 
-        if self.train and c.dropout > 0:
-            y_BxTxHxK = _attention_with_dropout(
-                q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, c.dropout, self.make_rng("dropout")
-            )
-        elif mask_BxTxS is None:
-            y_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True)
-        else:
-            y_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_BxTxS[:, None])
+        dropout = c.dropout if self.train else 0.0
+        rng = self.make_rng("dropout") if dropout > 0 else None
+        q_BxHxTxK, k_BxHxSxK, v_BxHxSxK = (x.transpose(0, 2, 1, 3) for x in (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK))
+        y_BxHxTxK = attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS, dropout=dropout, rng=rng)
+        y_BxTxHxK = y_BxHxTxK.transpose(0, 2, 1, 3)
         y_BxTxD = _constrain(y_BxTxHxK.reshape(B, T, D), ("batch", "seq", "heads"))
         y_BxTxD = nn.Dense(
             D,
@@ -102,21 +100,6 @@ class CausalSelfAttention(nn.Module):
         )(y_BxTxD)
         y_BxTxD = nn.Dropout(c.dropout, deterministic=not self.train)(y_BxTxD)
         return y_BxTxD, new_kv
-
-
-def _attention_with_dropout(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, rate, rng):
-    """Plain attention with dropout on the probabilities (cuDNN/XLA fused paths have none)."""
-    T, S = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
-    logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK, preferred_element_type=jnp.float32) / np.sqrt(
-        q_BxTxHxK.shape[-1]
-    )
-    if mask_BxTxS is None:
-        mask_BxTxS = jnp.tril(jnp.ones((T, S), bool))[None]
-    logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
-    keep_BxHxTxS = jax.random.bernoulli(rng, 1.0 - rate, probs_BxHxTxS.shape)
-    probs_BxHxTxS = jnp.where(keep_BxHxTxS, probs_BxHxTxS / (1.0 - rate), 0.0)
-    return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
 
 
 class MLP(nn.Module):

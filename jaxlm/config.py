@@ -265,7 +265,6 @@ TRAIN_PRESETS: dict[str, dict] = {
         block_size=1024,
         dropout=0.0,
         dtype="bfloat16",
-        scan_layers=True,
         batch_size=12,
         gradient_accumulation_steps=40,
         max_iters=600000,
@@ -283,7 +282,6 @@ TRAIN_PRESETS: dict[str, dict] = {
     "finetune-gpt2": dict(
         init_from="gpt2",
         dataset="shakespeare",
-        scan_layers=True,
         block_size=256,
         batch_size=4,
         gradient_accumulation_steps=8,

@@ -7,7 +7,8 @@ Each case runs jaxlm's real train step (jitted, donated, sharded over all device
 device for small models, as in train.py -- batches built on the host
 from the prepared dataset while the previous step runs), after a warm-up step, with no eval or checkpoints.
 Peak memory is the process's maximum resident set size. MFU uses GPTConfig.flops_per_token (6N + 12LTD per
-token) over the peak measured here by a large jitted matmul of the same dtype.
+token) over the peak measured here: the sustained FLOP/s of a 2048x2048 jitted matmul of the same dtype, run
+for 3 s just before and just after the timed steps (a shared VM's speed drifts), averaged.
 """
 
 from __future__ import annotations
@@ -83,13 +84,15 @@ def run_case(name: str, steps: int | None = None) -> dict:
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t
         nxt = batch(1)
+        peak_dtype = "bfloat16" if config.dtype == "bfloat16" else "float32"
+        peak_before = matmul_peak(peak_dtype)  # the VM's speed drifts: bracket the timed steps
         t = time.perf_counter()
         for i in range(1, steps + 1):
             state, m = step_fn(state, nxt)
             nxt = batch(i + 1)
         loss = float(m["loss"])
         seconds = (time.perf_counter() - t) / steps
-    peak = matmul_peak("bfloat16" if config.dtype == "bfloat16" else "float32")
+    peak = (peak_before + matmul_peak(peak_dtype)) / 2
     cpu = jax.devices()[0].platform == "cpu"
     tokens = A * B * T
     flops = config.flops_per_token(T) * tokens / seconds

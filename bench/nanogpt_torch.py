@@ -1,6 +1,6 @@
 """nanoGPT's model and training step in PyTorch eager: the same-run reference for bench_train's nanogpt-cpu case.
 
-    python bench/nanogpt_torch.py --iters 200 [--compile]
+    python bench/nanogpt_torch.py --iters 200 [--compile] [--seed S]
 
 A compact transcription of karpathy/nanoGPT's model.py (LayerNorm with bias, fused c_attn,
 scaled_dot_product_attention, exact GELU, tied head, 0.02 init) and train.py's step (AdamW betas
@@ -62,12 +62,12 @@ class NanoGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-def run(iters: int, compile_model: bool = False, threads: int | None = None) -> dict:
+def run(iters: int, compile_model: bool = False, threads: int | None = None, seed: int = 1337) -> dict:
     from jaxlm import data
 
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(1337)
+    torch.manual_seed(seed)
     ds = data.resolve_dataset("shakespeare_char", "char")
     L, H, D, T, B = 4, 4, 128, 64, 12  # nanoGPT's README CPU flags for shakespeare_char
     model = NanoGPT(ds.vocab_size, T, L, H, D)
@@ -78,7 +78,7 @@ def run(iters: int, compile_model: bool = False, threads: int | None = None) -> 
     )
     step_model = torch.compile(model) if compile_model else model
     splits = {k: torch.from_numpy(getattr(ds, k).astype(np.int64)) for k in ("train", "val")}
-    gen = np.random.default_rng(1337)
+    gen = np.random.default_rng(seed)
 
     def batch(split):
         tokens = splits[split]
@@ -109,6 +109,8 @@ def run(iters: int, compile_model: bool = False, threads: int | None = None) -> 
         val_loss = float(np.mean([model(*batch("val")).item() for _ in range(20)]))
     return {
         "ms_per_iter": round(1000 * float(np.mean(steady)), 2),
+        "ms_per_iter_median": round(1000 * float(np.median(steady)), 2),
+        "seed": seed,
         "threads": torch.get_num_threads(),
         "compile": compile_model,
         "loss": round(loss_value, 3),
@@ -122,8 +124,9 @@ def main():
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first iterations)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the core count)")
+    p.add_argument("--seed", type=int, default=1337, help="init and batch seed")
     args = p.parse_args()
-    print(json.dumps(run(args.iters, args.compile, args.threads)))
+    print(json.dumps(run(args.iters, args.compile, args.threads, args.seed)))
 
 
 if __name__ == "__main__":

@@ -579,7 +579,7 @@ def use_cpu_cores(batch_size: int):
     runs data parallel across the cores.
 
     XLA runs a small model's step on about one core at a time (its ops are too small to split), so two
-    cores as two devices train the default model about 1.25x faster. Only the CPU platform is affected
+    cores as two devices train the default model 1.2-1.4x faster. Only the CPU platform is affected
     (GPU/TPU hosts keep their accelerators), and only before JAX initialises; a device count the user
     set (XLA_FLAGS or JAX_NUM_CPU_DEVICES) wins.
     """

@@ -3,7 +3,7 @@
 import sys
 
 from jaxlm.cli import run_cli
-from jaxlm.trainer import main
+from jaxlm.train import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -1,5 +1,6 @@
 """jaxlm: GPT-2 in JAX/Flax. The public API."""
 
+from .checkpoint import load_run
 from .config import PRESETS, TRAIN_PRESETS, GPTConfig, TrainConfig
 from .errors import JaxlmError
 from .generate import GenerateStats, Generator, generate
@@ -30,15 +31,4 @@ __all__ = [
     "logical_axes",
     "save",
     "to_hf",
-    "train",
 ]
-
-
-def __getattr__(name):
-    # Imported on first use: importing the trainer (and with it jaxlm.data) here would make
-    # `python -m jaxlm.data` warn that the module was imported before it ran.
-    if name in ("train", "load_run"):
-        from . import trainer
-
-        return getattr(trainer, name)
-    raise AttributeError(f"module 'jaxlm' has no attribute {name!r}")

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from .config import GPTConfig
 from .errors import JaxlmError
 from .model import param_shapes
+from .tree import combine, partition
 
 META_FILE = "jaxlm.json"
 FORMAT_VERSION = 1
@@ -133,7 +134,8 @@ def _sync(name: str):
 # holding the items below. Orbax writes each step under a temporary name and renames it when complete,
 # so a run killed mid-save restarts from the previous step.
 
-RUN_ITEMS = ("params", "opt_state", "progress", "meta")  # progress: step, rng; meta: JSON (configs, tokenizer)
+RUN_ITEMS = ("params", "opt_state", "progress", "frozen", "meta")  # progress: step, rng; meta: JSON
+RUN_FORMAT = "jaxlm-run"
 
 
 def run_manager(directory, max_to_keep: int | None = None, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -155,26 +157,72 @@ def run_manager(directory, max_to_keep: int | None = None, *, read_only: bool = 
         absl_logger.setLevel(level)
 
 
+def open_run(run_dir, max_to_keep: int | None = None, *, read_only: bool = False) -> ocp.CheckpointManager:
+    """The checkpoint manager of a training run directory (the one place that opens one)."""
+    ckpt = Path(run_dir) / "checkpoints"
+    if read_only and not ckpt.is_dir():
+        raise JaxlmError(f"{run_dir} holds no checkpoints/; it is not a training run")
+    return run_manager(ckpt, max_to_keep, read_only=read_only)
+
+
 def save_run_step(manager: ocp.CheckpointManager, step: int, trees: dict, meta: dict):
-    """Start writing `trees` (params, opt_state, progress) and `meta` as `step`; returns before the write ends."""
+    """Start writing `trees` (params, opt_state, progress[, frozen]) and `meta` as `step`; returns before the
+    write ends."""
     items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
     manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def read_run_config(run_dir) -> GPTConfig:
-    """The GPTConfig of a training run's latest checkpoint (its JSON meta; no arrays are read)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints").is_dir():
-        raise JaxlmError(f"{run_dir} holds no checkpoints/; it is not a training run")
-    manager = run_manager(run_dir / "checkpoints", read_only=True)
+def latest_run_meta(run_dir, step: int | None = None) -> tuple[int, dict] | None:
+    """(step, meta) of a run's latest (or given) complete checkpoint; None when it has none."""
+    if not (Path(run_dir) / "checkpoints").is_dir():
+        return None
+    manager = open_run(run_dir, read_only=True)
     try:
-        step = manager.latest_step()
-        if step is None:
-            raise JaxlmError(f"{run_dir} holds no complete checkpoint yet; train longer or pick another run")
-        meta = restore_run_step(manager, step)["meta"]
+        step = manager.latest_step() if step is None else step
+        return None if step is None else (step, restore_run_step(manager, step)["meta"])
     finally:
         manager.close()
-    return GPTConfig.from_dict(meta["model"])
+
+
+def restore_run(run_dir, step: int, abstract: dict) -> dict:
+    """The items named in `abstract` (plus "meta") of a run's checkpoint `step`."""
+    manager = open_run(run_dir, read_only=True)
+    try:
+        return restore_run_step(manager, step, abstract)
+    finally:
+        manager.close()
+
+
+def read_run_config(run_dir) -> GPTConfig:
+    """The GPTConfig of a training run's latest checkpoint (its JSON meta; no arrays are read)."""
+    return GPTConfig.from_dict(_run_meta_or_error(run_dir)[1]["model"])
+
+
+def load_run(run_dir, shardings=None, step: int | None = None):
+    """(GPTConfig, params, tokenizer_spec) of a training run's latest (or given) checkpoint.
+
+    `shardings` (a pytree matching the params) places arrays as they are read (default: the first device).
+    """
+    step, meta = _run_meta_or_error(run_dir, step)
+    config = GPTConfig.from_dict(meta["model"])
+    shapes = param_shapes(config)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    frozen_paths = set(meta.get("frozen_paths", ()))
+    trainable, frozen = partition(target, lambda path: path not in frozen_paths)
+    r = restore_run(run_dir, step, {"params": trainable, **({"frozen": frozen} if frozen else {})})
+    return config, combine(r["params"], r.get("frozen", {})), meta.get("tokenizer")
+
+
+def _run_meta_or_error(run_dir, step: int | None = None) -> tuple[int, dict]:
+    if not (Path(run_dir) / "checkpoints").is_dir():
+        raise JaxlmError(f"{run_dir} holds no checkpoints/; it is not a training run")
+    found = latest_run_meta(run_dir, step)
+    if found is None:
+        raise JaxlmError(f"{run_dir} holds no complete checkpoint yet; train longer or pick another run")
+    return found
 
 
 def restore_run_step(manager: ocp.CheckpointManager, step: int, abstract: dict | None = None) -> dict:

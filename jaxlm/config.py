@@ -12,6 +12,10 @@ from .errors import JaxlmError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _field(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """GPT-2 architecture plus how it is computed (dtypes, scan, remat).
@@ -19,17 +23,17 @@ class GPTConfig:
     Field names follow nanoGPT; `jaxlm.hf` maps them to HF's `n_positions`, `layer_norm_epsilon`, ...
     """
 
-    vocab_size: int = 50257
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0  # embedding, attention and residual dropout (HF's three pdrops, made one)
-    layer_norm_epsilon: float = 1e-5
-    dtype: str = "float32"  # compute dtype; softmax, logits and loss stay float32
-    param_dtype: str = "float32"
-    scan_layers: bool = True  # False unrolls the layer loop (same params, same math)
-    remat: bool = False  # recompute each block's activations in the backward pass
+    vocab_size: int = _field(50257, "vocabulary size")
+    block_size: int = _field(1024, "context length (tokens)")
+    n_layer: int = _field(12, "transformer blocks")
+    n_head: int = _field(12, "attention heads")
+    n_embd: int = _field(768, "embedding width")
+    dropout: float = _field(0.0, "dropout rate")  # embedding, attention and residual dropout (HF's three pdrops)
+    layer_norm_epsilon: float = _field(1e-5, "LayerNorm epsilon")
+    dtype: str = _field("float32", "compute dtype; softmax, logits and loss stay float32")
+    param_dtype: str = _field("float32", "parameter dtype")
+    scan_layers: bool = _field(True, "scan over the layers (compiles faster; unrolled runs faster on CPU)")
+    remat: bool = _field(False, "recompute activations in the backward pass (less memory, more compute)")
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -89,17 +93,28 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=256),
     "small-char": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65),
     "shakespeare-char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65),
+    # What `python train.py` trains by default (TrainConfig's model defaults): minutes on a 2-core CPU.
+    "char-4x128": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=65, scan_layers=False),
 }
 
 
 # ---------------------------------------------------------------------------------------------
 # Training configuration: nanoGPT's knob names, typed, with presets and a generated command line.
 
-_MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "dtype", "remat", "scan_layers")
-
 
 def _opt(default, help: str, **meta):
     return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+TRAIN_MODEL = "char-4x128"  # the GPTConfig preset whose values are TrainConfig's model defaults
+
+
+def _model_opt(name: str, **override):
+    """A TrainConfig field for GPTConfig's field `name`: its default from the TRAIN_MODEL preset, its help
+    from GPTConfig (both overridable), tagged so `MODEL_FLAGS` and `model_config` find it."""
+    spec = next(f for f in dataclasses.fields(GPTConfig) if f.name == name)
+    default = override.pop("default", PRESETS[TRAIN_MODEL].get(name, spec.default))
+    return _opt(default, override.pop("help", spec.metadata["help"]), model=True, **override)
 
 
 @dataclass(frozen=True)
@@ -122,15 +137,17 @@ class TrainConfig:
     )
     tokenizer: str = _opt("gpt2", "tokenizer for raw-text --dataset sources", choices=("gpt2", "char"))
     # model (ignored for --init-from resume / pretrained, except dropout, dtype, remat and a smaller block_size)
-    n_layer: int = _opt(4, "transformer blocks")
-    n_head: int = _opt(4, "attention heads")
-    n_embd: int = _opt(128, "embedding width")
-    block_size: int = _opt(128, "context length (tokens)")
-    dropout: float = _opt(0.0, "dropout rate")
-    vocab_size: int | None = _opt(None, "vocabulary size (none: the tokenizer's)")
-    dtype: str = _opt("float32", "compute dtype; params and optimizer stay float32", choices=("float32", "bfloat16"))
-    remat: bool = _opt(False, "recompute activations in the backward pass (less memory, more compute)")
-    scan_layers: bool = _opt(False, "scan over the layers (compiles faster; unrolled runs faster on CPU)")
+    n_layer: int = _model_opt("n_layer")
+    n_head: int = _model_opt("n_head")
+    n_embd: int = _model_opt("n_embd")
+    block_size: int = _model_opt("block_size")
+    dropout: float = _model_opt("dropout")
+    vocab_size: int | None = _model_opt("vocab_size", default=None, help="vocabulary size (none: the tokenizer's)")
+    dtype: str = _model_opt(
+        "dtype", help="compute dtype; params and optimizer stay float32", choices=("float32", "bfloat16")
+    )
+    remat: bool = _model_opt("remat")
+    scan_layers: bool = _model_opt("scan_layers")
     # optimisation
     batch_size: int = _opt(16, "sequences per micro-batch (global, all devices)")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
@@ -207,8 +224,8 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The GPTConfig of a model trained from scratch (vocab_size from the tokenizer unless set)."""
-        fields = {k: getattr(self, k) for k in _MODEL_FIELDS}
-        return GPTConfig(vocab_size=self.vocab_size or vocab_size, **fields)
+        fields = {k: getattr(self, k) for k in MODEL_FLAGS}
+        return GPTConfig(**{**fields, "vocab_size": self.vocab_size or vocab_size})
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -229,6 +246,8 @@ class TrainConfig:
 
 
 _JOB_FIELDS = ("coordinator_address", "num_processes", "process_id")
+# TrainConfig's fields that describe the model (GPTConfig's names): the one list a model is built from.
+MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("model"))
 
 DEFAULT_TRAIN_PRESET = "shakespeare-char"
 

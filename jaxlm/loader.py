@@ -53,9 +53,7 @@ def load_with_tokenizer(source, *, shardings=None, progress=None, **config_overr
         params = _place(params, shardings)
         return config, params, {"kind": "gpt2"}
     if kind == "run":
-        from .trainer import load_run
-
-        config, params, tok = load_run(path, shardings=shardings)
+        config, params, tok = checkpoint.load_run(path, shardings=shardings)
     else:
         config, params, tok = checkpoint.load(path, shardings=shardings)
     if config_overrides:

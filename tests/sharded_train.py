@@ -15,7 +15,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxlm import sharding, trainer
+import jaxlm.train as trainer
+from jaxlm import sharding
 from jaxlm.config import TrainConfig
 
 TINY = dict(

@@ -93,7 +93,7 @@ def test_both_flag_spellings_and_defaults_in_help():
 
 
 def test_no_flags_samples_the_run_train_py_wrote(capsys, tmp_path, monkeypatch):
-    from jaxlm import trainer
+    import jaxlm.train as trainer
     from jaxlm.config import TrainConfig
 
     monkeypatch.chdir(tmp_path)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxlm
-from jaxlm import trainer
+import jaxlm.train as trainer
 from jaxlm.cli import run_cli
 from jaxlm.config import TrainConfig, parse_train_args, train_arg_parser
 from jaxlm.errors import JaxlmError
@@ -179,7 +179,7 @@ def test_resume_is_bit_exact(tmp_path):
         {**tiny(b).to_dict(), "init_from": "resume", "max_iters": 40},
         frozenset({"init_from", "max_iters"}),
     )
-    resumed = trainer._resume_config(values, explicit, trainer._run_meta(b)[1])
+    resumed = trainer.resume_config(values, explicit, trainer.run_meta(b)[1])
     assert (resumed.dropout, resumed.gradient_accumulation_steps, resumed.lr_decay_iters) == (0.1, 2, 40)
     trainer.train(resumed, explicit, log=quiet)
 
@@ -290,7 +290,7 @@ def test_sigterm_saves_and_sigkill_mid_save_resumes(tmp_path):
     proc.communicate()
     last = _complete_steps(out)[-1]
     values = {**tiny(out).to_dict(), "init_from": "resume", "max_iters": last + 2}
-    cfg = trainer._resume_config(values, frozenset({"init_from", "max_iters"}), trainer._run_meta(out)[1])
+    cfg = trainer.resume_config(values, frozenset({"init_from", "max_iters"}), trainer.run_meta(out)[1])
     summary = trainer.train(cfg, frozenset({"init_from", "max_iters"}), log=quiet)
     assert summary["step"] == last + 2
     logged = [s for s, _ in rows(out, "loss")]

@@ -1,0 +1,260 @@
+"""The training loop, and `train()` / `main()` around it.
+
+`Loop.run` reads top to bottom like nanoGPT's loop: step, log, evaluate, checkpoint, stop. Each of those
+is a small method; the loop's state (step, last checkpoint, val loss, unread metrics) lives on the object.
+The step is jitted with donated state and the host never waits for it except to log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from .. import checkpoint, data, distributed, sharding
+from ..config import TrainConfig, parse_train_flags
+from ..errors import JaxlmError
+from .metrics import RunLog, measure_matmul_flops, peak_flops_per_device
+from .optimizer import lr_schedule, make_optimizer
+from .runtime import (
+    StopFlag,
+    apply_layout,
+    host_layout,
+    is_small,
+    keep_freed_memory,
+    persistent_compile_cache,
+    record_layout,
+)
+from .setup import RunComplete, Setup, describe, resume_config, run_meta, setup
+from .state import abstract, checkpoint_items
+from .step import Batch, batch_sharding, jit_train_step, lm_loss, make_eval_step
+
+
+class TrainingDiverged(JaxlmError):
+    """The loss or the gradients became NaN/inf."""
+
+
+def train(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, *, loss_fn=None, trainable=None) -> dict:
+    """Train as `cfg` says; returns a summary {"step", "val_loss", "seconds", "out_dir", "stopped_by"}.
+
+    `loss_fn` (default: the LM loss of the run's model) and `trainable` (a predicate on param paths; default:
+    everything) are the seams for other objectives and frozen parts.
+    """
+    t_start = time.perf_counter()
+    if is_small(cfg):
+        keep_freed_memory()
+    persistent_compile_cache()
+    log = log if jax.process_index() == 0 else (lambda *a, **k: None)
+    stop = StopFlag()
+    with stop.installed():
+        try:
+            s = setup(cfg, explicit, log, trainable)
+        except RunComplete as done:
+            log(str(done))
+            return {"step": None, "val_loss": None, "seconds": 0.0, "out_dir": cfg.out_dir, "stopped_by": None}
+        record_layout(s.cfg.out_dir, is_small(s.cfg))
+        with sharding.activate(s.mesh):  # steps are traced under the mesh and its logical-axis rules
+            return Loop(s, stop, log, t_start, loss_fn or lm_loss(s.config)).run()
+
+
+class Loop:
+    def __init__(self, s: Setup, stop: StopFlag, log, t_start: float, loss_fn):
+        self.s, self.stop, self.log, self.t_start = s, stop, log, t_start
+        cfg, config, mesh = s.cfg, s.config, s.mesh
+        self.out = Path(cfg.out_dir).expanduser()
+        A, B, T = cfg.gradient_accumulation_steps, cfg.batch_size, config.block_size
+        self.tokens_per_step = A * B * T
+        self.batch_sh = batch_sharding(mesh)
+        self.train_shape, eval_shape = (A, B, T + 1), (cfg.eval_iters, B, T + 1)
+        self.rows = _local_rows(self.batch_sh, self.train_shape)
+        log(
+            f"model: {config.num_params() / 1e6:.2f}M params ({describe(config)}, {config.dtype}); data: "
+            f"{len(s.data.train):,} train tokens; {A}x{B}x{T} tokens/step on {mesh.size} "
+            f"{jax.devices()[0].platform} device(s); steps {s.start}..{cfg.max_iters}"
+        )
+        val = [data.get_batch(s.data, "val", cfg.seed, i, (1, B), T, self.rows)[0] for i in range(cfg.eval_iters)]
+        self.val = Batch(jax.make_array_from_process_local_data(self.batch_sh, np.stack(val), eval_shape))
+        self.train_step, self.eval_step, self.state = self._compile(loss_fn)
+        self.peak = cfg.peak_flops or peak_flops_per_device()
+        if self.peak is None and jax.devices()[0].platform == "cpu":
+            self.peak = measure_matmul_flops(2048, seconds=0.5) / len(jax.devices())  # what bench/ uses
+        self.flops_per_step = config.flops_per_token(T) * self.tokens_per_step
+        self.step, self.last_saved, self.val_loss = s.start, None, None
+        self.pending: list[tuple[int, dict]] = []  # device metrics not yet read back (reading them syncs)
+        self.window = {"t": time.perf_counter(), "excluded": 0.0, "steps": 0}
+        self.meta = {
+            "format": checkpoint.RUN_FORMAT,
+            "version": 1,
+            "model": config.to_dict(),
+            "train": cfg.to_dict(),
+            "tokenizer": s.tokenizer,
+            "data": {"counts": s.data.meta["counts"], "tokenizer": s.data.tokenizer_spec, "source": str(cfg.dataset)},
+            "frozen_paths": list(s.frozen_paths),
+        }
+
+    def _compile(self, loss_fn):
+        """Compile both steps in the background (lowered from shapes alone) while the state is built or restored."""
+        s, t = self.s, time.perf_counter()
+        state_abstract = {k: abstract(s.state_shapes[k], s.state_shardings[k]) for k in s.state_shapes}
+        tx = make_optimizer(s.cfg)
+        train_lowered = jit_train_step(loss_fn, tx, lr_schedule(s.cfg), s.state_shardings, s.mesh).lower(
+            state_abstract, Batch(jax.ShapeDtypeStruct(self.train_shape, jnp.int32, sharding=self.batch_sh))
+        )
+        eval_lowered = jax.jit(make_eval_step(loss_fn)).lower(
+            state_abstract["params"], state_abstract["frozen"], self.val
+        )
+        with ThreadPoolExecutor(2) as pool:
+            compiled = [pool.submit(lowered.compile) for lowered in (train_lowered, eval_lowered)]
+            state = s.init_state()
+            train_step, eval_step = (c.result() for c in compiled)
+        self.log(f"compiled in {time.perf_counter() - t:.1f} s")
+        return train_step, eval_step, state
+
+    def batch(self, step: int) -> Batch:
+        cfg = self.s.cfg
+        local = data.get_batch(
+            self.s.data, "train", cfg.seed, step, self.train_shape[:2], self.train_shape[2] - 1, self.rows
+        )
+        return Batch(jax.make_array_from_process_local_data(self.batch_sh, local, self.train_shape))
+
+    def run(self) -> dict:
+        cfg = self.s.cfg
+        self.manager = checkpoint.open_run(self.out, cfg.keep_checkpoints)
+        self.runlog = RunLog(self.out, cfg.tensorboard, self.s.start, cfg.max_iters)
+        try:
+            if self.step % cfg.eval_interval == 0 and not (self.s.start and cfg.init_from == "resume"):
+                self.evaluate()
+            self.window["t"] = time.perf_counter()
+            next_batch = self.batch(self.step) if self.step < cfg.max_iters else None
+            while self.step < cfg.max_iters:
+                self.state, metrics = self.train_step(self.state, next_batch)
+                self.step += 1
+                self.pending.append((self.step, metrics))
+                self.window["steps"] += 1
+                if self.step < cfg.max_iters:
+                    next_batch = self.batch(self.step)  # built on the host while the device runs the step
+                last = self.step == cfg.max_iters or self.stop.signal is not None
+                if self.step % cfg.log_interval == 0 or last:
+                    self.log_train()
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
+                    self.evaluate()
+                if self.step % cfg.save_interval == 0 or last:
+                    self.save()
+                self.runlog.advance()
+                if self.stop.signal is not None:
+                    break
+            if self.last_saved != self.step:
+                self.save()
+            self.manager.wait_until_finished()
+        finally:
+            with contextlib.suppress(Exception):
+                self.manager.wait_until_finished()
+            self.manager.close()
+            self.runlog.close()
+        return self.summary()
+
+    def drain(self) -> list[tuple[int, dict]]:
+        """Read back pending metrics (a host sync); stop on NaN/inf before anything is saved."""
+        if not self.pending:
+            return []
+        fetched = jax.device_get(self.pending)
+        self.pending.clear()
+        for k, m in fetched:
+            if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+                self.manager.wait_until_finished()
+                ckpt = self.out / "checkpoints"
+                where = f"step {self.last_saved} in {ckpt}" if self.last_saved is not None else "none"
+                raise TrainingDiverged(
+                    f"loss became {float(m['loss'])} (gradient norm {float(m['grad_norm'])}) at step {k}; training "
+                    f"diverged and nothing after it was saved (last good checkpoint: {where}); lower "
+                    "--learning-rate, raise --warmup-iters or set --grad-clip, then --init-from resume"
+                )
+        return fetched
+
+    def log_train(self):
+        fetched = self.drain()
+        now = time.perf_counter()
+        seconds = now - self.window["t"] - self.window["excluded"]
+        tok_s = self.window["steps"] * self.tokens_per_step / max(seconds, 1e-9)
+        mfu = tok_s / self.tokens_per_step * self.flops_per_step / (self.peak * self.s.mesh.size) if self.peak else None
+        self.runlog.train_row(
+            {
+                "step": self.step,
+                "loss": float(np.mean([m["loss"] for _, m in fetched])),
+                "lr": float(fetched[-1][1]["lr"]),
+                "grad_norm": float(np.mean([m["grad_norm"] for _, m in fetched])),
+                "tokens_per_s": tok_s,
+                "ms_per_step": 1000 * seconds / max(self.window["steps"], 1),
+                "mfu": mfu,
+                "elapsed_s": now - self.t_start,
+            }
+        )
+        self.window.update(t=now, excluded=0.0, steps=0)
+
+    def evaluate(self):
+        t = time.perf_counter()
+        self.val_loss = float(self.eval_step(self.state["params"], self.state["frozen"], self.val))
+        self.runlog.row(step=self.step, val_loss=self.val_loss, elapsed_s=time.perf_counter() - self.t_start)
+        self.runlog.write(f"step {self.step}: val loss {self.val_loss:.4f}")
+        self.window["excluded"] += time.perf_counter() - t
+
+    def save(self):
+        t = time.perf_counter()
+        self.drain()
+        meta = {**self.meta, "step": self.step, "val_loss": self.val_loss}
+        checkpoint.save_run_step(self.manager, self.step, checkpoint_items(self.state), meta)
+        self.last_saved = self.step
+        self.window["excluded"] += time.perf_counter() - t
+
+    def summary(self) -> dict:
+        cfg, seconds = self.s.cfg, time.perf_counter() - self.t_start
+        if self.stop.signal is not None:
+            self.log(
+                f"stopped by {self.stop.signal} at step {self.step}; checkpoint saved in {self.out / 'checkpoints'}; "
+                f"continue with python train.py --init-from resume --out-dir {cfg.out_dir}"
+            )
+        else:
+            shown = "n/a" if self.val_loss is None else f"{self.val_loss:.4f}"
+            self.log(f"done: {self.step} steps in {seconds:.0f} s, val loss {shown}; run in {self.out}")
+        return {
+            "step": self.step,
+            "val_loss": self.val_loss,
+            "seconds": seconds,
+            "out_dir": str(self.out),
+            "stopped_by": self.stop.signal,
+        }
+
+
+def _local_rows(batch_sh: NamedSharding, shape: tuple) -> slice:
+    """The rows of the global batch (axis 1) that this process's devices hold."""
+    idx = batch_sh.addressable_devices_indices_map(shape).values()
+    starts = [i[1].start or 0 for i in idx]
+    stops = [shape[1] if i[1].stop is None else i[1].stop for i in idx]
+    return slice(min(starts), max(stops))
+
+
+def main(argv=None) -> int:
+    """`python train.py [flags]`: parse, decide the host layout, train, say how to sample."""
+    values, explicit = parse_train_flags(argv)
+    single_process = values["coordinator_address"] is None and values["num_processes"] is None
+    apply_layout(host_layout(values, single_process))  # before anything initialises JAX
+    distributed.initialize(values["coordinator_address"], values["num_processes"], values["process_id"])
+    if values["init_from"] == "resume":  # the stored run's config is the base the flags override
+        previous = run_meta(values["out_dir"])
+        if previous is None:
+            raise JaxlmError(f"--init-from resume: {values['out_dir']} holds no checkpoint to resume")
+        cfg = resume_config(values, explicit, previous[1])
+    else:
+        cfg = TrainConfig(**values)
+    with distributed.fail_fast_on_peer_loss():
+        summary = train(cfg, explicit)
+    if summary["stopped_by"] is None and summary["step"] is not None and jax.process_index() == 0:
+        flag = "" if cfg.out_dir == "out" else f" --out-dir {cfg.out_dir}"
+        print(f"sample from it: python sample.py{flag}")
+    return 0

@@ -1,0 +1,188 @@
+"""Setup: everything that can fail on user input happens here, before any compile.
+
+Resolves the run directory (fresh, replaced or resumed), the data, the model (from scratch, a pretrained
+source or the run's checkpoint), the mesh and the train state's layout. The resumed run's config is
+merged in one place: `resume_config`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import jax
+
+from .. import checkpoint, data, loader, sharding
+from ..config import GPTConfig, TrainConfig
+from ..errors import JaxlmError
+from ..tree import leaf_paths
+from .optimizer import make_optimizer
+from .state import model_layout, new_state, restore_state
+
+ARCH_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")  # what makes two models "the same"
+_RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "loss.png")
+COMPUTE_FIELDS = ("dropout", "dtype", "remat", "scan_layers")  # how a stored model computes: flags may change
+
+
+class RunComplete(Exception):
+    """--init-from resume on a run that already reached --max-iters: nothing to do."""
+
+
+@dataclass
+class Setup:
+    """Everything resolved before the first step."""
+
+    cfg: TrainConfig
+    config: GPTConfig
+    data: data.TokenData
+    tokenizer: dict
+    start: int  # updates done (a resumed run's checkpoint step)
+    mesh: jax.sharding.Mesh
+    state_shardings: dict
+    state_shapes: dict
+    init_state: Callable[[], dict]  # fresh or restored, placed on state_shardings
+    frozen_paths: tuple[str, ...] = ()  # params held fixed ("a/b/leaf"), recorded with each checkpoint
+
+
+def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, trainable=None) -> Setup:
+    """Resolve `cfg` into a Setup; `trainable` (a predicate on param paths, None: all) picks what trains."""
+    out = Path(cfg.out_dir).expanduser()
+    _check_writable(out)
+    previous = checkpoint.latest_run_meta(out)
+    resume = cfg.init_from == "resume"
+    if resume:
+        if previous is None:
+            raise JaxlmError(f"--init-from resume: {out} holds no checkpoint to resume; use --init-from scratch")
+        cfg = resume_config(cfg.to_dict(), explicit, previous[1])
+        if previous[0] >= cfg.max_iters:
+            raise RunComplete(
+                f"the run in {out} is complete: step {previous[0]} of --max-iters {cfg.max_iters}; to train "
+                f"further, resume with a larger --max-iters (e.g. --max-iters {2 * previous[0]})"
+            )
+
+    ds = data.resolve_dataset(cfg.dataset, cfg.tokenizer)
+    ds.check_block_size(cfg.block_size)
+    params, tokenizer = None, ds.tokenizer_spec
+    if resume:
+        config = GPTConfig.from_dict(previous[1]["model"]).replace(**compute_overrides(cfg))
+        _check_same_data(previous[1], ds)
+    elif cfg.init_from == "scratch":
+        config = cfg.model_config(ds.vocab_size)
+    else:
+        config, params, tokenizer = _load_pretrained(cfg, explicit, ds, log)
+    if ds.vocab_size > config.vocab_size:
+        raise JaxlmError(f"dataset vocab {ds.vocab_size} exceeds the model's vocab_size {config.vocab_size}")
+
+    if not resume and previous is not None:
+        _replace_run(out, previous, config, cfg.overwrite, log)
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    if cfg.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise JaxlmError(
+            f"--batch-size {cfg.batch_size} must be divisible by the data x fsdp mesh size "
+            f"{mesh.shape['data'] * mesh.shape['fsdp']}"
+        )
+    tx = make_optimizer(cfg)
+    if resume:  # the run's own split: what it froze stays frozen
+        frozen = set(previous[1].get("frozen_paths", ()))
+        trainable = (lambda path: path not in frozen) if frozen else None
+    shapes, shardings = model_layout(config, tx, mesh, trainable)
+    if resume:
+        init = partial(restore_state, out, previous[0], shapes, shardings)
+    else:
+        init = partial(new_state, config, tx, shardings, cfg.seed, params, trainable)
+    start = previous[0] if resume else 0
+    frozen_paths = tuple(leaf_paths(shapes["frozen"]))
+    return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, frozen_paths)
+
+
+def _check_writable(out: Path):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise JaxlmError(f"cannot write to --out-dir {out} ({e.strerror}); choose a writable directory") from None
+
+
+def resume_config(values: dict, explicit: frozenset, meta: dict) -> TrainConfig:
+    """The stored run's config with the flags given now on top (model shape flags must agree)."""
+    model = meta["model"]
+    for name in ARCH_FIELDS:
+        if name in explicit and values[name] not in (None, model[name]):
+            raise JaxlmError(
+                f"--init-from resume: the run has {name}={model[name]} but --{name.replace('_', '-')} "
+                f"{values[name]} was given; drop the flag (or start a new run)"
+            )
+    changes = {k: values[k] for k in explicit if k not in ARCH_FIELDS}
+    return TrainConfig.from_dict({**meta["train"], **changes, "init_from": "resume", "out_dir": values["out_dir"]})
+
+
+def run_meta(out_dir) -> tuple[int, dict] | None:
+    """(latest step, meta) of the run in `out_dir`, or None when it holds no complete checkpoint."""
+    return checkpoint.latest_run_meta(Path(out_dir).expanduser())
+
+
+def compute_overrides(cfg: TrainConfig) -> dict:
+    return {k: getattr(cfg, k) for k in COMPUTE_FIELDS}
+
+
+def _check_same_data(meta: dict, ds: data.TokenData):
+    was = meta.get("data", {})
+    now = {"counts": ds.meta["counts"], "tokenizer": ds.tokenizer_spec}
+    if {k: was.get(k) for k in now} != now:
+        raise JaxlmError(
+            "--init-from resume: the dataset differs from the one the run was trained on (token counts or "
+            "tokenizer changed); resume with the same --dataset, or fine-tune with --init-from <run dir>"
+        )
+
+
+def _replace_run(out: Path, previous: tuple[int, dict], config: GPTConfig, overwrite: bool, log):
+    old = GPTConfig.from_dict(previous[1]["model"])
+    if arch(old) != arch(config) and not overwrite:
+        raise JaxlmError(
+            f"{out} holds a run of a different model ({describe(old)}, step {previous[0]}) than this one "
+            f"({describe(config)}); pass --overwrite to replace it, --init-from resume to continue it, "
+            "or choose another --out-dir"
+        )
+    log(f"replacing the run in {out} (step {previous[0]})")
+    for name in _RUN_FILES:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def _load_pretrained(cfg: TrainConfig, explicit: frozenset, ds: data.TokenData, log):
+    log(f"initialising from {cfg.init_from}")
+    config, params, tokenizer = loader.load_with_tokenizer(cfg.init_from, **compute_overrides(cfg))
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size"):
+        if name in explicit and getattr(cfg, name) not in (None, getattr(config, name)):
+            raise JaxlmError(
+                f"--init-from {cfg.init_from} has {name}={getattr(config, name)}; drop --{name.replace('_', '-')}"
+            )
+    if "block_size" in explicit and cfg.block_size != config.block_size:
+        if cfg.block_size > config.block_size:
+            raise JaxlmError(
+                f"--block-size {cfg.block_size} exceeds {cfg.init_from}'s context of {config.block_size} tokens"
+            )
+        params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][: cfg.block_size]}}  # crop positions
+        config = config.replace(block_size=cfg.block_size)
+    ds.check_block_size(config.block_size)
+    if tokenizer is not None and tokenizer != ds.tokenizer_spec:
+        raise JaxlmError(
+            f"{cfg.init_from} was trained with the {tokenizer.get('kind')} tokenizer but the dataset uses "
+            f"{ds.tokenizer_spec.get('kind')}; prepare the data with that tokenizer (e.g. --dataset shakespeare)"
+        )
+    return config, params, tokenizer or ds.tokenizer_spec
+
+
+def arch(c: GPTConfig) -> dict:
+    return {k: getattr(c, k) for k in ARCH_FIELDS}
+
+
+def describe(c: GPTConfig) -> str:
+    return ", ".join(f"{k}={getattr(c, k)}" for k in ARCH_FIELDS)

@@ -1,0 +1,95 @@
+"""The train state: its shapes and shardings (no memory), a fresh one born sharded, a restored one.
+
+What trains is a predicate over param paths ("h/ln_1/scale", ...; None: everything): the trainable part
+gets gradients and optimizer state, the frozen part is placed once and passed through every step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .. import checkpoint, sharding
+from ..config import GPTConfig
+from ..model import init_params, param_shapes
+from ..tree import combine, partition
+
+
+def layout(trainable_shapes, trainable_shardings, tx, mesh, frozen_shapes=None, frozen_shardings=None):
+    """(shapes, shardings) of a train state over the given trainable and frozen trees."""
+    rep = sharding.replicated(mesh)
+    opt_shapes = jax.eval_shape(tx.init, trainable_shapes)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, opt_shapes, trainable_shardings, transform_non_params=lambda _: rep
+    )
+    shapes = {
+        "params": trainable_shapes,
+        "frozen": frozen_shapes or {},
+        "opt_state": opt_shapes,
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
+    shardings = {
+        "params": trainable_shardings,
+        "frozen": frozen_shardings or {},
+        "opt_state": opt_shardings,
+        "step": rep,
+        "rng": rep,
+    }
+    return shapes, shardings
+
+
+def model_layout(config: GPTConfig, tx, mesh, trainable=None):
+    """(shapes, shardings) of the train state of GPT(config), the params split by `trainable`."""
+    p_shapes, f_shapes = partition(param_shapes(config), trainable)
+    p_shardings, f_shardings = partition(sharding.param_shardings(config, mesh), trainable)
+    return layout(p_shapes, p_shardings, tx, mesh, f_shapes, f_shardings)
+
+
+def abstract(shapes, shardings):
+    """ShapeDtypeStructs that carry their shardings: what jit lowers and Orbax restores against."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
+def new_state(config: GPTConfig, tx, shardings: dict, seed: int, params=None, trainable=None) -> dict:
+    """A fresh train state on its shardings: random params (a jitted init, born sharded) unless given."""
+    init_key, rng = jax.random.split(jax.random.key(seed))
+    full = combine(shardings["params"], shardings["frozen"])
+    if params is None:
+        params = jax.jit(partial(init_params, config), out_shardings=full)(init_key)
+    else:
+        params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, config.param_dtype), s), params, full)
+    train, frozen = partition(params, trainable)
+    return {
+        "params": train,
+        "frozen": frozen,
+        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(train),
+        "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
+        "rng": jax.device_put(jax.random.key_data(rng), shardings["rng"]),
+    }
+
+
+def checkpoint_items(state: dict) -> dict:
+    """The pytrees a run checkpoint holds (the frozen part only when there is one)."""
+    items = {"params": state["params"], "opt_state": state["opt_state"]}
+    items["progress"] = {"step": state["step"], "rng": state["rng"]}
+    if state.get("frozen"):
+        items["frozen"] = state["frozen"]
+    return items
+
+
+def restore_state(run_dir: Path, step: int, shapes: dict, shardings: dict) -> dict:
+    """The train state saved at `step` in `run_dir`, restored straight onto `shardings`."""
+    items = {
+        "params": abstract(shapes["params"], shardings["params"]),
+        "opt_state": abstract(shapes["opt_state"], shardings["opt_state"]),
+        "progress": {k: abstract(shapes[k], shardings[k]) for k in ("step", "rng")},
+    }
+    if shapes["frozen"]:
+        items["frozen"] = abstract(shapes["frozen"], shardings["frozen"])
+    r = checkpoint.restore_run(run_dir, step, items)
+    return {"params": r["params"], "frozen": r.get("frozen", {}), "opt_state": r["opt_state"], **r["progress"]}

@@ -1,0 +1,138 @@
+"""The train and eval steps, built around a loss function passed in (nanodo's seam).
+
+`loss_fn(params, batch, rng) -> (loss, aux)` is all a step knows of the model: the plain LM loss, a
+loss masked to completion tokens and a LoRA loss are different loss functions (or trainable sets), not
+different steps. `rng` is the dropout key, or None for evaluation (dropout off). `aux["tokens"]` is the
+number of targets the loss counted; gradient accumulation weights micro-batches by it, so a masked loss is
+the mean over the whole batch's counted tokens.
+
+The state is a dict: "params" (the trainable pytree: the only part differentiated and given optimizer
+state), "frozen" (held fixed; {} or absent when everything trains), "opt_state", "step" (updates done) and
+"rng" (key data; step s draws fold_in(rng, s)). `combine(trainable, frozen)` gives the params the loss
+sees: by default the union of two partial trees of the same model (`jaxlm.tree.combine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from .. import sharding
+from ..config import GPTConfig
+from ..model import GPT, cross_entropy
+from ..tree import combine
+
+
+class Batch(NamedTuple):
+    """Token windows and an optional loss mask; a pytree, so it shards and scans like an array."""
+
+    tokens: jax.Array  # int32 [..., B, T+1]: inputs tokens[..., :-1], targets tokens[..., 1:]
+    mask: jax.Array | None = None  # float32 [..., B, T]: 1 where a target counts (None: all count)
+
+
+LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, dict]]
+
+
+def lm_loss(config: GPTConfig) -> LossFn:
+    """Next-token cross-entropy of GPT(config), masked by `batch.mask` when it has one."""
+    model = GPT(config)
+
+    def loss_fn(params, batch: Batch, rng):
+        train = rng is not None
+        logits_BxTxV = model.apply(
+            {"params": params}, batch.tokens[:, :-1], train=train, rngs={"dropout": rng} if train else None
+        )
+        targets_BxT = batch.tokens[:, 1:]
+        counted = targets_BxT.size if batch.mask is None else batch.mask.sum()
+        return cross_entropy(logits_BxTxV, targets_BxT, batch.mask), {"tokens": jnp.asarray(counted, jnp.float32)}
+
+    return loss_fn
+
+
+def as_batch(batch) -> Batch:
+    """A Batch, from a Batch or a bare token array (the plain LM case)."""
+    return batch if isinstance(batch, Batch) else Batch(batch)
+
+
+def make_train_step(
+    loss_fn: LossFn | GPTConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, combine=combine
+):
+    """(state, batch) -> (state, metrics): `batch` holds A micro-batches ([A, B, T+1] tokens), one update.
+
+    A GPTConfig in place of `loss_fn` means the plain LM loss of that model.
+    """
+    if isinstance(loss_fn, GPTConfig):
+        loss_fn = lm_loss(loss_fn)
+
+    def grads_of(trainable, frozen, batch, key):
+        def f(t):
+            return loss_fn(combine(t, frozen), batch, key)
+
+        (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(trainable)
+        return loss, aux["tokens"], grads
+
+    def step(state, batch):
+        batch = as_batch(batch)
+        trainable, frozen = state["params"], state.get("frozen", {})
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        accum = batch.tokens.shape[0]
+        if accum == 1:
+            loss, _, grads = grads_of(trainable, frozen, jax.tree.map(lambda x: x[0], batch), key)
+        else:  # gradient accumulation: a scan over micro-batches, float32 sums
+            weighted = batch.mask is not None  # masked: weight each micro-batch by the tokens it counted
+
+            def micro(carry, xs):
+                mb, i = xs
+                loss, n, grads = grads_of(trainable, frozen, mb, jax.random.fold_in(key, i))
+                if weighted:
+                    loss, grads = jax.tree.map(lambda x: n * x, (loss, grads))
+                return jax.tree.map(jnp.add, carry, (loss, grads, n)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32))
+            (loss, grads, n), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
+            total = jnp.maximum(n, 1.0) if weighted else accum
+            loss, grads = jax.tree.map(lambda x: x / total, (loss, grads))
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        new_state = {
+            **state,
+            "params": optax.apply_updates(trainable, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(loss_fn: LossFn | GPTConfig, combine=combine):
+    """(params, frozen, batches) -> mean loss over E batches ([E, B, T+1] tokens; dropout off)."""
+    if isinstance(loss_fn, GPTConfig):
+        loss_fn = lm_loss(loss_fn)
+
+    def step(params, frozen, batches):
+        full = combine(params, frozen)
+        return jax.lax.map(lambda b: loss_fn(full, b, None)[0], as_batch(batches)).mean()
+
+    return step
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Where a step's [A, B, ...] batch arrays live: rows (axis 1) split like the model's batch axis."""
+    return NamedSharding(mesh, PartitionSpec(None, *sharding.batch_sharding(mesh).spec))
+
+
+def jit_train_step(loss_fn, tx, schedule, state_shardings: dict, mesh, combine=combine):
+    """The train step jitted as the loop runs it: state donated, placed on `state_shardings`, the batch on
+    `batch_sharding(mesh)`, metrics replicated."""
+    return jax.jit(
+        make_train_step(loss_fn, tx, schedule, combine),
+        in_shardings=(state_shardings, batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )

@@ -38,7 +38,7 @@ CASES = {
 def matmul_peak(dtype: str, n: int = 2048, seconds: float = 3.0) -> float:
     import jax.numpy as jnp
 
-    from jaxlm.trainer import measure_matmul_flops
+    from jaxlm.train import measure_matmul_flops
 
     return measure_matmul_flops(n, jnp.dtype(dtype), seconds)
 
@@ -47,37 +47,30 @@ def run_case(name: str, steps: int | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from jaxlm import data, sharding, trainer
+    import jaxlm.train as trainer
+    from jaxlm import data, sharding
     from jaxlm.config import TrainConfig
 
     spec = dict(CASES[name])
     preset, steps = spec.pop("config"), steps or spec.pop("steps")
     spec.pop("steps", None)
     cfg = TrainConfig.preset(preset, **spec)
-    if trainer.is_small(cfg):  # as train.py does for small models
-        trainer.keep_freed_memory()
-        trainer.use_cpu_cores(cfg.batch_size)
+    trainer.apply_layout(trainer.host_layout(cfg.to_dict()))  # as train.py does
     ds = data.resolve_dataset(cfg.dataset, cfg.tokenizer)
     config = cfg.model_config(ds.vocab_size)
     mesh = sharding.make_mesh(cfg.mesh)
     A, B, T = cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size
     tx = trainer.make_optimizer(cfg)
     with sharding.activate(mesh):
-        shardings = trainer.state_shardings(config, tx, mesh)
-        batch_sh = NamedSharding(mesh, PartitionSpec(None, *sharding.batch_sharding(mesh).spec))
-        step_fn = jax.jit(
-            trainer.make_train_step(config, tx, trainer.lr_schedule(cfg)),
-            in_shardings=(shardings, batch_sh),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-            donate_argnums=0,
-        )
+        _, shardings = trainer.model_layout(config, tx, mesh)
+        step_fn = trainer.jit_train_step(trainer.lm_loss(config), tx, trainer.lr_schedule(cfg), shardings, mesh)
         state = trainer.new_state(config, tx, shardings, cfg.seed)
+        batch_sh = trainer.batch_sharding(mesh)
 
         def batch(i):
             local = data.get_batch(ds, "train", cfg.seed, i, (A, B), T)
-            return jax.make_array_from_process_local_data(batch_sh, local, (A, B, T + 1))
+            return trainer.Batch(jax.make_array_from_process_local_data(batch_sh, local, (A, B, T + 1)))
 
         t = time.perf_counter()
         state, m = step_fn(state, batch(0))

@@ -16,7 +16,7 @@ A prepared directory (written under a temp name, then renamed):
 The val split is the file's last val_fraction of examples (jaxlm.data holds out the stream's tail).
 
 Batches pad instead of packing (no model change: right padding is invisible to causal attention) and group
-examples by length: each step draws one bucket of the ladder 64, 128, ... block_size (chance proportional to
+examples by length: each step draws one bucket of the ladder 32, 64, ... block_size (chance proportional to
 its examples, so every example is equally likely) and its rows from that bucket. On the bundled task files
 this spends far fewer tokens on padding than padding every row to block_size (README, bench/sft_padding.py).
 """
@@ -41,7 +41,7 @@ FORMAT = "jaxlm-sft"
 META_FILE = "meta.json"
 SPLITS = {"train": 0, "val": 1}
 TRUNCATE = ("drop", "left", "right")
-MIN_BUCKET = 64
+MIN_BUCKET = 32
 
 
 @dataclass(frozen=True)
@@ -331,7 +331,7 @@ def summary(meta: dict) -> str:
 
 
 def bucket_lengths(block_size: int) -> list[int]:
-    """Row lengths T a batch may have: 64, 128, ... below block_size, then block_size."""
+    """Row lengths T a batch may have: 32, 64, ... below block_size, then block_size (one compile each)."""
     ladder, t = [], MIN_BUCKET
     while t < block_size:
         ladder.append(t)

@@ -158,7 +158,7 @@ def test_batches_are_a_pure_function_of_seed_and_step(mixed):
     tokens, mask = a
     assert tokens.dtype == np.int32 and mask.dtype == np.float32
     assert tokens.shape[:2] == (2, 4) and mask.shape == (*tokens.shape[:2], tokens.shape[2] - 1)
-    assert tokens.shape[2] - 1 in sft.bucket_lengths(128) == [64, 128]
+    assert tokens.shape[2] - 1 in sft.bucket_lengths(128) == [32, 64, 128]
     part = sft.get_batch(mixed, "train", 7, 3, (2, 4), 128, rows=slice(2, 4))
     np.testing.assert_array_equal(part[0], tokens[:, 2:4])
     steps = [sft.get_batch(mixed, "train", 7, s, (2, 4), 128)[0] for s in range(6)]
@@ -169,7 +169,7 @@ def test_batches_are_a_pure_function_of_seed_and_step(mixed):
 def test_every_batch_row_is_one_whole_example_then_padding(mixed):
     examples = {tuple(ids): m for ids, m in all_examples(mixed)}
     T_seen = set()
-    for step in range(12):
+    for step in range(16):
         tokens, mask = sft.get_batch(mixed, "train", 0, step, (1, 4), 128)
         T_seen.add(mask.shape[-1])
         for row, m in zip(tokens[0], mask[0], strict=True):
@@ -178,7 +178,9 @@ def test_every_batch_row_is_one_whole_example_then_padding(mixed):
             assert ids in examples and (row[n:] == EOT).all() and not m[n - 1 :].any()
             np.testing.assert_array_equal(m[: n - 1], examples[ids][1:])
             assert n <= mask.shape[-1] + 1
-    assert T_seen == {64, 128}  # both buckets drawn; short rows never padded to 128
+    lengths = mixed.train.lengths
+    used = {T for T in sft.bucket_lengths(128) if ((lengths <= T + 1) & (lengths > T // 2 + 1)).any()}
+    assert len(used) == 3 and T_seen == used  # every bucket drawn; short rows never padded to 128
 
 
 def test_masked_loss_across_padded_rows_by_hand(mixed):

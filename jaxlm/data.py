@@ -5,6 +5,7 @@ A prepared dataset is a directory (nanoGPT's layout plus metadata):
     meta.json            {"format": "jaxlm-data", "tokenizer": spec, "vocab_size", "counts", "val_fraction", ...}
 
     python -m jaxlm.data prepare SRC OUT [--tokenizer gpt2|char] [--val-fraction 0.1] [--text-field text]
+    python -m jaxlm.data prepare PAIRS.jsonl OUT [--template T] [--truncate drop|left|right] [--block-size N]
 
 SRC is a text file, a folder of .txt files (each one document) or a .jsonl file (one document per line,
 its text under --text-field). GPT-2 BPE ends every document with <|endoftext|>.
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import sft
 from .cli import run_cli
 from .errors import JaxlmError
 from .tokenizer import CharTokenizer, get_tokenizer
@@ -115,6 +117,8 @@ def open_dataset(path) -> TokenData:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise JaxlmError(f"{meta_file} is corrupt ({e}); prepare the dataset again") from None
+    if meta.get("format") == sft.FORMAT:
+        return sft.open_sft(path)
     if meta.get("format") != FORMAT:
         raise JaxlmError(f"{meta_file} is not a jaxlm dataset description")
     arrays = {}
@@ -139,8 +143,24 @@ def bundled_shakespeare() -> Path:
     return Path(str(resources.files("jaxlm") / "assets" / "tinyshakespeare.txt"))
 
 
-def resolve_dataset(source: str, tokenizer: str = "gpt2", val_fraction: float = 0.1) -> TokenData:
-    """A dataset name (shakespeare_char, shakespeare), a prepared dir, or raw text prepared into the cache."""
+def resolve_dataset(
+    source: str, tokenizer: str = "gpt2", val_fraction: float = 0.1, *, block_size: int = 1024, allow_sft: bool = False
+) -> TokenData | sft.SFTData:
+    """A dataset name (shakespeare_char, shakespeare), a prepared dir, or raw text prepared into the cache.
+
+    Prompt/completion data (a prepared jaxlm-sft dir, or a .jsonl of pairs, prepared with `block_size`)
+    opens as `sft.SFTData` when `allow_sft`: only a trainer with a masked loss may take it.
+    """
+    ds = _resolve(source, tokenizer, val_fraction, block_size)
+    if isinstance(ds, sft.SFTData) and not allow_sft:
+        raise JaxlmError(
+            f"--dataset {source} holds prompt/completion examples; this trainer's loss has no mask to train on "
+            "them, so use a text dataset"
+        )
+    return ds
+
+
+def _resolve(source: str, tokenizer: str, val_fraction: float, block_size: int):
     if source in BUILTIN:
         src, tokenizer = bundled_shakespeare(), BUILTIN[source]
     else:
@@ -154,15 +174,21 @@ def resolve_dataset(source: str, tokenizer: str = "gpt2", val_fraction: float = 
             )
     files = _source_files(src)
     stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = hashlib.sha256(json.dumps([stamp, tokenizer, val_fraction]).encode()).hexdigest()[:16]
-    name = f"{src.stem}-{tokenizer}-{key}"
+    pairs = sft.is_pairs_file(src)
+    how = [tokenizer, val_fraction] + (["sft", block_size] if pairs else [])
+    key = hashlib.sha256(json.dumps([stamp, *how]).encode()).hexdigest()[:16]
+    name = f"{src.stem}-{'sft' if pairs else tokenizer}-{key}"
     for root in (cache_dir() / "data", Path(tempfile.gettempdir()) / "jaxlm-data"):
         out = root / name
         if (out / META_FILE).is_file():
             return open_dataset(out)
         try:
             root.mkdir(parents=True, exist_ok=True)
-            return open_dataset(prepare(src, out, tokenizer, val_fraction, exist_ok=True))
+            if pairs:
+                made = sft.prepare(src, out, block_size=block_size, val_fraction=val_fraction, exist_ok=True)
+            else:
+                made = prepare(src, out, tokenizer, val_fraction, exist_ok=True)
+            return open_dataset(made)
         except PermissionError:
             continue  # read-only cache (e.g. a locked-down home): fall back to the temp dir
     raise JaxlmError(f"cannot write a dataset cache under {cache_dir()}; set JAXLM_CACHE to a writable directory")
@@ -388,11 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2", help="GPT-2 BPE or characters")
     q.add_argument("--val-fraction", "--val_fraction", type=float, default=0.1, help="tail of the tokens held out")
     q.add_argument("--text-field", "--text_field", default="text", help="JSONL field holding the text")
+    sft.add_prepare_arguments(q)  # prompt/completion JSONL (or --template): prepared by jaxlm.sft
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.template or sft.is_pairs_file(args.src):
+        if args.tokenizer != "gpt2":
+            raise JaxlmError("prompt/completion data uses --tokenizer gpt2 (completions end with <|endoftext|>)")
+        return sft.main_prepare(args)
     out = prepare(args.src, args.out, args.tokenizer, args.val_fraction, args.text_field)
     meta = json.loads((out / META_FILE).read_text())
     c = meta["counts"]

@@ -1,0 +1,1 @@
+"""Evaluation: task scoring (tasks.py, metrics.py)."""

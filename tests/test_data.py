@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxlm import data
+from jaxlm import data, textfiles
 from jaxlm.cli import run_cli
 from jaxlm.errors import JaxlmError
 from jaxlm.tokenizer import GPT2Tokenizer, from_spec
@@ -32,7 +32,7 @@ def test_char_prepare_matches_nanogpt_split(tmp_path):
 
 def test_gpt2_prepare_equals_tokenizing_the_whole_text(tmp_path, monkeypatch):
     # Files are read in pieces; cutting must never change the tokens (tiny pieces make many cuts).
-    monkeypatch.setattr(data, "_CHUNK_BYTES", 997)
+    monkeypatch.setattr(textfiles, "_CHUNK_BYTES", 997)
     src = tmp_path / "in.txt"
     src.write_text(SHAKESPEARE.read_text()[:60_000])
     ds = data.open_dataset(data.prepare(src, tmp_path / "ds", progress=False))

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import sft, textfiles
+from .atomic import publish_dir
 from .cli import run_cli
 from .errors import JaxlmError
 from .tokenizer import CharTokenizer, get_tokenizer
@@ -250,13 +251,7 @@ def prepare(
             "documents": n_docs,
             "source": str(src),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (exist_ok and (out / META_FILE).is_file()):  # else: a concurrent prepare of the same source won
-                raise
+        publish_dir(tmp, out, META_FILE, meta, exist_ok=exist_ok)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -24,7 +24,6 @@ this spends far fewer tokens on padding than padding every row to block_size (RE
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -33,8 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from . import templates
+from .atomic import publish_dir
 from .errors import JaxlmError
-from .sft_rows import Stats, examples, read_rows
+from .sft_rows import Stats, examples
+from .textfiles import jsonl_rows
 from .tokenizer import GPT2Tokenizer
 
 FORMAT = "jaxlm-sft"
@@ -103,7 +104,7 @@ def is_pairs_file(src) -> bool:
     if not src.is_file() or src.suffix not in (".jsonl", ".ndjson"):
         return False
     try:
-        _, row = next(read_rows(src))
+        _, row = next(jsonl_rows(src))
     except (StopIteration, JaxlmError):
         return False  # empty or broken: the caller's reader reports it
     return "prompt" in row or "completion" in row
@@ -165,13 +166,7 @@ def prepare(
             "stats": vars(stats),
             "source": str(src),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (exist_ok and (out / META_FILE).is_file()):  # else: a concurrent prepare of the same source won
-                raise
+        publish_dir(tmp, out, META_FILE, meta, exist_ok=exist_ok)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -6,13 +6,13 @@ for the rules. Every bad row is a JaxlmError naming the file and line.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import templates
 from .errors import JaxlmError
+from .textfiles import jsonl_rows
 from .tokenizer import EOT
 
 
@@ -30,23 +30,6 @@ class Stats:
     counted: int = 0
     first_mismatch_line: int | None = None
     longest: int = 0
-
-
-def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for each non-blank line; a line that is not a JSON object is an error naming it."""
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise JaxlmError(f"{path} line {lineno} is not UTF-8 ({e.reason}); convert the file to UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise JaxlmError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise JaxlmError(f"{path} line {lineno} is a JSON {type(row).__name__}, not an object; write one")
-            yield lineno, row
 
 
 def row_text(row: dict, where: str, template: templates.Template | None) -> tuple[str, str | None]:
@@ -97,7 +80,7 @@ def fit(ids: list[int], mask: list[int], limit: int, truncate: str) -> tuple[lis
 def examples(src: Path, template, truncate: str, block_size: int, stats: Stats, tok) -> Iterator[tuple]:
     """(ids, mask) of each usable row of `src`, updating `stats`."""
     limit = block_size + 1  # inputs tokens[:-1] and targets tokens[1:] of one row
-    for lineno, row in read_rows(src):
+    for lineno, row in jsonl_rows(src):
         stats.rows += 1
         prompt, completion = row_text(row, f"{src} line {lineno}", template)
         ids, mask, prefix = encode(tok, prompt, completion)

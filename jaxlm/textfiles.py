@@ -68,25 +68,33 @@ def _text_chunks(f: Path, bar) -> Iterator[str]:
                 bar.update(len(chunk))
 
 
-def _jsonl_documents(f: Path, text_field: str, bar) -> Iterator[str]:
-    with open(f, "rb") as fh:
+def jsonl_rows(path: Path, bar=None) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each non-blank line; a line that is not a JSON object is an error naming it."""
+    with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             if bar is not None:
                 bar.update(len(raw))
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                row = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                raise JaxlmError(f"{f} line {lineno} is not UTF-8 ({e.reason}); convert the file to UTF-8") from None
+                raise JaxlmError(f"{path} line {lineno} is not UTF-8 ({e.reason}); convert the file to UTF-8") from None
             except json.JSONDecodeError as e:
-                raise JaxlmError(f"{f} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise JaxlmError(
-                    f"{f} line {lineno} has no string field {text_field!r}; pass --text-field with the right name"
-                )
-            yield text
+                raise JaxlmError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise JaxlmError(f"{path} line {lineno} is a JSON {type(row).__name__}, not an object; write one")
+            yield lineno, row
+
+
+def _jsonl_documents(f: Path, text_field: str, bar) -> Iterator[str]:
+    for lineno, record in jsonl_rows(f, bar):
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            raise JaxlmError(
+                f"{f} line {lineno} has no string field {text_field!r}; pass --text-field with the right name"
+            )
+        yield text
 
 
 def _not_utf8(f: Path, offset: int, byte: int) -> JaxlmError:

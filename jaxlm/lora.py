@@ -10,11 +10,13 @@ Target names are PEFT's for GPT-2, so a config round-trips through `adapter_conf
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from .config import GPTConfig
@@ -55,7 +57,7 @@ class LoraConfig:
 
     def check(self, config: GPTConfig) -> LoraConfig:
         """Raise if the rank does not fit the model's smallest adapted matrix; returns self."""
-        limit = min(min(_in_out(config, t)) for t in self.targets)
+        limit = min(min(in_out(config, t)) for t in self.targets)
         if self.rank > limit:
             raise JaxlmError(
                 f"LoRA rank {self.rank} exceeds min(in, out) = {limit} of the targeted matrices; choose rank <= {limit}"
@@ -95,14 +97,14 @@ def normalize_targets(targets) -> tuple[str, ...]:
     return tuple(t for t in MODULES if t in chosen)
 
 
-def _in_out(config: GPTConfig, target: str) -> tuple[int, int]:
+def in_out(config: GPTConfig, target: str) -> tuple[int, int]:
     D = config.n_embd
     return {"c_attn": (D, 3 * D), "attn.c_proj": (D, D), "c_fc": (D, 4 * D), "mlp.c_proj": (4 * D, D)}[target]
 
 
-def _out_shape(config: GPTConfig, target: str) -> tuple[int, ...]:
+def out_shape(config: GPTConfig, target: str) -> tuple[int, ...]:
     D = config.n_embd
-    return (3, D) if target == "c_attn" else (_in_out(config, target)[1],)
+    return (3, D) if target == "c_attn" else (in_out(config, target)[1],)
 
 
 # Logical axes of each module's (lora_a, lora_b), matching its kernel's axes in jaxlm.model.
@@ -129,7 +131,7 @@ def shapes(config: GPTConfig, lora: LoraConfig, dtype=None):
     L, r = config.n_layer, lora.rank
 
     def leaf(t, which):
-        shape = (L, _in_out(config, t)[0], r) if which == 0 else (L, r, *_out_shape(config, t))
+        shape = (L, in_out(config, t)[0], r) if which == 0 else (L, r, *out_shape(config, t))
         return jax.ShapeDtypeStruct(shape, dt)
 
     return _tree(lora, leaf)
@@ -138,15 +140,6 @@ def shapes(config: GPTConfig, lora: LoraConfig, dtype=None):
 def logical_axes(lora: LoraConfig):
     """The adapters pytree with a PartitionSpec of logical axis names at each leaf (as model.logical_axes)."""
     return _tree(lora, lambda t, which: PartitionSpec("layers", *_AXES[t][which]))
-
-
-def shardings(config: GPTConfig, lora: LoraConfig, mesh):
-    """NamedSharding for every adapter leaf, from jaxlm.sharding's one rules table."""
-    from . import sharding
-
-    out = sharding.logical_to_sharding(logical_axes(lora), mesh)
-    sharding.check_divisible(shapes(config, lora), out)
-    return out
 
 
 def init(key: jax.Array, config: GPTConfig, lora: LoraConfig):
@@ -163,7 +156,7 @@ def init(key: jax.Array, config: GPTConfig, lora: LoraConfig):
         s = _get(abstract, t)["lora_a" if which == 0 else "lora_b"]
         if which == 1:
             return jnp.zeros(s.shape, s.dtype)
-        bound = 1.0 / math.sqrt(_in_out(config, t)[0])
+        bound = 1.0 / math.sqrt(in_out(config, t)[0])
         return jax.random.uniform(next(keys), s.shape, s.dtype, -bound, bound)
 
     return _tree(lora, leaf)
@@ -199,6 +192,20 @@ def describe(config: GPTConfig, lora: LoraConfig) -> str:
     total = config.num_params()
     where = ",".join(lora.targets)
     return f"LoRA r={lora.rank} on {where}: {n:,} trainable of {total / 1e6:.1f}M ({100 * n / total:.2f}%)"
+
+
+def fingerprint(params) -> str | None:
+    """sha256 of weights (names, dtypes, shapes, bytes): which base adapters belong to. None for arrays
+    this process cannot read whole (multi-process sharded)."""
+    h = hashlib.sha256()
+    leaves = sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda t: jax.tree_util.keystr(t[0]))
+    for path, x in leaves:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return None
+        a = np.ascontiguousarray(jax.device_get(x))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _get(adapters, target: str):

@@ -130,14 +130,20 @@ def read_adapter_config(adapter_dir) -> dict:
     return cfg
 
 
+def check_adapter(adapter_dir) -> dict:
+    """Its adapter_config.json, if jaxlm implements every option it sets (fails fast, before any weights)."""
+    cfg = read_adapter_config(adapter_dir)
+    _check_options(cfg, Path(adapter_dir))
+    return cfg
+
+
 def load_adapter(adapter_dir, config: GPTConfig) -> tuple[LoraConfig, dict]:
     """(LoraConfig, adapters) from a PEFT LoRA adapter directory, checked against the base model's config.
 
     The adapters stay unmerged (float32, numpy): pass them to `lora.merge` or train them further.
     """
     path = Path(adapter_dir)
-    cfg = read_adapter_config(path)
-    _check_options(cfg, path)
+    cfg = check_adapter(path)
     tensors = _read_tensors(path)
     where = f"adapter {path}"
     base = cfg.get("base_model_name_or_path")
@@ -174,21 +180,23 @@ def load_adapter(adapter_dir, config: GPTConfig) -> tuple[LoraConfig, dict]:
     adapters: dict = {"h": {}}
     for t in targets:
         layers = found[t]
-        missing = [i for i in range(config.n_layer) if set(layers.get(i, {})) != {"A", "B"}]
-        if missing:
-            raise AdapterError(
-                f"{where}: {_PEFT_NAME[t]} lacks lora_A/lora_B in layers {missing[:5]}; jaxlm adapts every "
-                "layer (adapters on some layers only are not supported)"
-            )
         d_in, d_out = in_out(config, t)
-        for i in range(config.n_layer):
+        for i in sorted(layers):
             for ab, want in (("A", (rank, d_in)), ("B", (d_out, rank))):
+                if ab not in layers[i]:
+                    continue
                 got = layers[i][ab].shape
                 if got != want:
                     raise AdapterError(
                         f"{where}: {_PEFT_NAME[t]} layer {i} lora_{ab} has shape {list(got)} but this base model "
                         f"with r={rank} needs {list(want)}{for_base}; the adapter is for another model shape"
                     )
+        missing = [i for i in range(config.n_layer) if set(layers.get(i, {})) != {"A", "B"}]
+        if missing:
+            raise AdapterError(
+                f"{where}: {_PEFT_NAME[t]} lacks lora_A/lora_B in layers {missing[:5]}; jaxlm adapts every "
+                "layer (adapters on some layers only are not supported)"
+            )
         a_LxIxR = np.stack([layers[i]["A"].T for i in range(config.n_layer)]).astype(np.float32)
         b_LxRxO = np.stack([layers[i]["B"].T for i in range(config.n_layer)]).astype(np.float32)
         block, name = MODULES[t]

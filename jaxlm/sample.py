@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import loader, sharding
+from . import loader, peft_io, sharding
 from .errors import JaxlmError
 from .generate import Generator
 from .sampling import Sampling
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     text = _read_start(args.start)
 
     source = _source(args.init_from, args.out_dir)
+    if args.adapter:
+        peft_io.check_adapter(args.adapter)  # a bad adapter fails before the base is loaded
     mesh, shardings, load_from = None, None, source
     if args.mesh:
         mesh = sharding.make_mesh(args.mesh, fewer=True)  # a bad spec fails before any loading

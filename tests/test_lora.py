@@ -1,5 +1,6 @@
 """LoRA against the real `peft`: adapters written by peft load into jaxlm, jaxlm's load into peft, same logits."""
 
+import functools
 import json
 import logging
 import re
@@ -30,10 +31,15 @@ def _peft_logits(model):
         return model(torch.tensor(TOKENS)).logits.numpy()
 
 
+@functools.cache
+def _forward(config, lora_config, train):
+    model = jaxlm.GPT(config, lora=lora_config)
+    return jax.jit(lambda v, t, r: model.apply(v, t, train=train, rngs={"dropout": r}))  # one compile, not op by op
+
+
 def _jax_logits(config, params, adapters=None, lora_config=None, train=False, rng=None):
     variables = {"params": params} if adapters is None else {"params": params, "lora": adapters}
-    model = jaxlm.GPT(config, lora=lora_config)
-    fn = jax.jit(lambda v, t, r: model.apply(v, t, train=train, rngs={"dropout": r}))  # one compile, not op by op
+    fn = _forward(config, lora_config, train)
     return np.asarray(fn(variables, jnp.asarray(TOKENS), jax.random.key(0) if rng is None else rng))
 
 
@@ -264,6 +270,7 @@ def test_peft_options_jaxlm_lacks_are_refused_by_name(base, tmp_path, capsys, op
     _peft_adapter(path, tmp_path / "a", **{"r": 4, "target_modules": ["c_attn"], **options})
     with pytest.raises(jaxlm.JaxlmError, match=re.escape(match)):
         jaxlm.load_adapter(tmp_path / "a", config)
+    capsys.readouterr()
     assert run_cli(sample_main, ["--init-from", str(path), "--adapter", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and match in err
@@ -301,6 +308,7 @@ def test_other_adapters_and_broken_files_are_refused(base, plain_adapter, tmp_pa
         (bad_json, "adapter_config.json is corrupt"),
         (tmp_path / "nowhere", "no such directory"),
     ]
+    capsys.readouterr()
     for adapter, match in cases:
         with pytest.raises(jaxlm.JaxlmError, match=re.escape(match)):
             jaxlm.load(path, adapter=adapter)

@@ -1,8 +1,11 @@
 """Orbax behind one small module: its API churns, so nothing else in jaxlm imports orbax.
 
 A jaxlm checkpoint directory:
-    jaxlm.json   {"format": "jaxlm", "version": 1, "config": GPTConfig fields, "tokenizer": spec|None}
-    params/      the params pytree, written by Orbax (sharded arrays are written shard by shard)
+    jaxlm.json   {"format": "jaxlm", "version": 1, "config": GPTConfig fields, "tokenizer": spec|None,
+                  "lora": {"config": LoraConfig fields, "base": {"source", "fingerprint"}} (with adapters only)}
+    params/      the params pytree, written by Orbax (sharded arrays are written shard by shard);
+                 with adapters: the frozen base they adapt
+    adapters/    LoRA adapters (jaxlm.lora layout), when saved with them
 It is written under a temporary name and renamed when complete, so a crash leaves no half checkpoint.
 """
 
@@ -17,6 +20,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from . import lora as lora_lib
 from .config import GPTConfig
 from .errors import JaxlmError
 from .model import param_shapes
@@ -34,11 +38,34 @@ def is_checkpoint(path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def save(path, config: GPTConfig, params, tokenizer=None, *, overwrite: bool = False) -> Path:
-    """Write params + config (+ tokenizer spec) to `path` atomically; returns the final path."""
+def save(
+    path,
+    config: GPTConfig,
+    params,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    adapters=None,
+    lora: lora_lib.LoraConfig | None = None,
+    base_source: str | None = None,
+) -> Path:
+    """Write params + config (+ tokenizer spec) to `path` atomically; returns the final path.
+
+    With `adapters` and their `lora` config, `params` is the base they adapt; `base_source` (e.g. "gpt2")
+    and a fingerprint of the base weights are recorded, for PEFT's base_model_name_or_path and checks.
+    """
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists; choose another path or pass overwrite=True")
+    if (adapters is None) != (lora is None):
+        raise JaxlmError("save adapters together with their LoRA config: pass both adapters= and lora=")
+    lora_meta = None
+    if lora is not None:
+        _check_adapters(config, lora, adapters, "adapters")
+        lora_meta = {
+            "config": lora.to_dict(),
+            "base": {"source": base_source, "fingerprint": lora_lib.fingerprint(params)},
+        }
     tmp = path.with_name(f".{path.name}.partial")
     if jax.process_index() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -47,6 +74,9 @@ def save(path, config: GPTConfig, params, tokenizer=None, *, overwrite: bool = F
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / "params", params)
     checkpointer.wait_until_finished()
+    if adapters is not None:
+        checkpointer.save(tmp / "adapters", adapters)
+        checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         meta = {
             "format": "jaxlm",
@@ -54,6 +84,8 @@ def save(path, config: GPTConfig, params, tokenizer=None, *, overwrite: bool = F
             "config": config.to_dict(),
             "tokenizer": tokenizer.to_spec() if tokenizer is not None else None,
         }
+        if lora_meta is not None:
+            meta["lora"] = lora_meta
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if path.exists():
             shutil.rmtree(path)
@@ -89,6 +121,29 @@ def load(path, shardings=None):
     config = _config(meta, path)
     params = restore_pytree(path / "params", param_shapes(config), shardings)
     return config, params, meta.get("tokenizer")
+
+
+def load_adapters(path, shardings=None):
+    """(LoraConfig, adapters, {"source", "fingerprint"} of the base) of a checkpoint saved with adapters,
+    or None when it holds none."""
+    path = Path(path).absolute()
+    meta = read_meta(path)
+    if "lora" not in meta:
+        return None
+    config = _config(meta, path)
+    try:
+        lora = lora_lib.LoraConfig.from_dict(meta["lora"]["config"])
+    except (JaxlmError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / META_FILE} holds an invalid LoRA config: {e}") from None
+    adapters = restore_pytree(path / "adapters", lora_lib.shapes(config, lora), shardings)
+    return lora, adapters, dict(meta["lora"].get("base") or {})
+
+
+def _check_adapters(config: GPTConfig, lora, adapters, what: str):
+    want = lora_lib.shapes(config, lora)
+    got = jax.tree.map(lambda x: tuple(x.shape), adapters)
+    if jax.tree.map(lambda s: tuple(s.shape), want) != got:
+        raise JaxlmError(f"{what} do not match the LoRA config and model (rank {lora.rank}, {lora.targets})")
 
 
 def read_config(path) -> GPTConfig:

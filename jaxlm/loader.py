@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 
 import jax
+from jax.sharding import PartitionSpec as P
 
-from . import checkpoint, hf
+from . import checkpoint, hf, lora, peft_io
 from .errors import JaxlmError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -34,32 +35,60 @@ def resolve(source) -> tuple[str, Path]:
     return "hf", hf.download(str(source))
 
 
-def load(source, *, shardings=None, progress=None, **config_overrides):
+def load(source, *, adapter=None, shardings=None, progress=None, **config_overrides):
     """(config, params) from a hub id (`gpt2`, `gpt2-medium`, ..., `user/repo`), a local HF
     directory (config.json + model.safetensors), a jaxlm checkpoint or a training run directory.
 
+    `adapter`: a PEFT LoRA adapter directory for this base, merged into the params (W + s A B); a jaxlm
+    checkpoint saved with adapters is merged too. Unmerged: `jaxlm.load_adapter(DIR, config)`.
     `config_overrides` set how the model computes (dtype, param_dtype, scan_layers, remat, dropout);
     `shardings` places params onto devices as they are read (default: the first device).
     """
-    config, params, _ = load_with_tokenizer(source, shardings=shardings, progress=progress, **config_overrides)
+    config, params, _ = load_with_tokenizer(
+        source, adapter=adapter, shardings=shardings, progress=progress, **config_overrides
+    )
     return config, params
 
 
-def load_with_tokenizer(source, *, shardings=None, progress=None, **config_overrides):
+def load_with_tokenizer(source, *, adapter=None, shardings=None, progress=None, **config_overrides):
     """Like `load`, plus the tokenizer spec stored with the model (GPT-2 BPE for HF models)."""
+    config, params, tok, adapted = _load_base(source, shardings, progress, config_overrides)
+    if adapted is not None and adapter is not None:
+        raise JaxlmError(f"{source} already carries LoRA adapters; drop --adapter or load its base instead")
+    if adapter is not None:
+        lora_config, adapters = peft_io.load_adapter(adapter, config)
+        adapted = lora_config, adapters
+    if adapted is not None:
+        params = _merge(params, *adapted, shardings)
+    return config, params, tok
+
+
+def _merge(base, lora_config, adapters, shardings):
+    if shardings is None:
+        adapters = jax.tree.map(jax.numpy.asarray, adapters)
+        return jax.jit(lora.merge, static_argnums=2)(base, adapters, lora_config)
+    adapters = jax.device_put(adapters, jax.sharding.NamedSharding(jax.tree.leaves(shardings)[0].mesh, P()))
+    return jax.jit(lora.merge, static_argnums=2, out_shardings=shardings)(base, adapters, lora_config)
+
+
+def _load_base(source, shardings, progress, config_overrides):
+    """(config, params, tokenizer spec, (LoraConfig, adapters) stored with a jaxlm checkpoint or None)."""
     kind, path = resolve(source)
     if kind == "hf":
         config, params = hf.load_hf_dir(path, progress=progress, **config_overrides)
         params = _place(params, shardings)
-        return config, params, {"kind": "gpt2"}
+        return config, params, {"kind": "gpt2"}, None
+    adapted = None
     if kind == "run":
         config, params, tok = checkpoint.load_run(path, shardings=shardings)
     else:
         config, params, tok = checkpoint.load(path, shardings=shardings)
+        stored = checkpoint.load_adapters(path)
+        adapted = None if stored is None else stored[:2]
     if config_overrides:
         config = config.replace(**config_overrides)
         params = jax.tree.map(lambda x: x.astype(config.param_dtype), params)
-    return config, params, tok
+    return config, params, tok, adapted
 
 
 def read_config(source, **config_overrides):
@@ -78,6 +107,25 @@ def _place(params, shardings):
     return jax.tree.map(jax.device_put, params, shardings)
 
 
-def save(path, config, params, tokenizer=None, *, overwrite: bool = False) -> Path:
-    """A jaxlm checkpoint directory (Orbax params + config JSON); `load(path)` needs nothing else."""
-    return checkpoint.save(path, config, params, tokenizer, overwrite=overwrite)
+def save(
+    path, config, params, tokenizer=None, *, overwrite: bool = False, adapters=None, lora=None, base_source=None
+) -> Path:
+    """A jaxlm checkpoint directory (Orbax params + config JSON); `load(path)` needs nothing else.
+
+    With `adapters` and their `lora` (LoraConfig), `params` is the base: `load(path)` gives the merged params,
+    `python -m jaxlm.convert path OUT --to peft` the PEFT adapter; `base_source` names the base (e.g. gpt2).
+    """
+    return checkpoint.save(
+        path, config, params, tokenizer, overwrite=overwrite, adapters=adapters, lora=lora, base_source=base_source
+    )
+
+
+def load_lora(source):
+    """(config, base params, LoraConfig, adapters, {"source", "fingerprint"} of the base), unmerged, from a
+    jaxlm checkpoint saved with adapters."""
+    kind, path = resolve(source)
+    stored = checkpoint.load_adapters(path) if kind == "jaxlm" else None
+    if stored is None:
+        raise JaxlmError(f"{source} holds no LoRA adapters; save a checkpoint with jaxlm.save(..., adapters=, lora=)")
+    config, params, _ = checkpoint.load(path)
+    return (config, params, *stored)

@@ -19,6 +19,7 @@ import numpy as np
 
 from .attention import attend
 from .config import GPTConfig
+from .lora import LoraConfig
 
 Cache = dict  # {"k": LxBxSxHxK, "v": LxBxSxHxK}
 
@@ -39,6 +40,41 @@ def _constrain(x, names: tuple):
     return nn.with_logical_constraint(x, names)
 
 
+class LoraDense(nn.Dense):
+    """nn.Dense (same params, same math) plus s * dropout(x) A B when a "lora" collection holds this module's
+    adapters; without them, or with `lora` None, it is exactly nn.Dense."""
+
+    lora: LoraConfig | None = None
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        return _lora_update(self, x, super().__call__(x))
+
+
+class LoraDenseGeneral(nn.DenseGeneral):
+    """nn.DenseGeneral with LoRA, as LoraDense (the adapter's B has the kernel's output axes)."""
+
+    lora: LoraConfig | None = None
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        return _lora_update(self, x, super().__call__(x))
+
+
+def _lora_update(module, x_BxTxI, y_BxTx_O):
+    """y + s * dropout(x) A B: the adapted layer without forming W + s A B (nor copying W)."""
+    lora = module.lora
+    if lora is None or not module.has_variable("lora", "lora_a"):
+        return y_BxTx_O
+    a_IxR = module.get_variable("lora", "lora_a").astype(module.dtype)
+    b_Rx_O = module.get_variable("lora", "lora_b").astype(module.dtype)
+    x_BxTxI = nn.Dropout(lora.dropout, deterministic=not module.train, name="lora_dropout")(x_BxTxI)
+    u_BxTxR = jnp.einsum("bti,ir->btr", x_BxTxI.astype(module.dtype), a_IxR)
+    return y_BxTx_O + lora.scale * jnp.tensordot(u_BxTxR, b_Rx_O, axes=1)
+
+
 def _layer_norm(c: GPTConfig, name: str) -> nn.LayerNorm:
     """GPT-2's LayerNorm (eps 1e-5, not Flax's 1e-6); Flax computes its statistics in float32."""
     return nn.LayerNorm(
@@ -54,6 +90,7 @@ def _layer_norm(c: GPTConfig, name: str) -> nn.LayerNorm:
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
     train: bool = False
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD, kv=None, cache_index=None, mask_BxTxS=None):
@@ -61,7 +98,9 @@ class CausalSelfAttention(nn.Module):
         B, T, D = x_BxTxD.shape
         H, K = c.n_head, c.head_dim
         # Kernel [D, 3, D]: HF's fused c_attn split into q|k|v, so "heads" shards all three alike.
-        qkv_Bx3xTxD = nn.DenseGeneral(
+        qkv_Bx3xTxD = LoraDenseGeneral(
+            lora=self.lora,
+            train=self.train,
             features=(3, D),
             dtype=c.dtype,
             param_dtype=c.param_dtype,
@@ -90,8 +129,10 @@ class CausalSelfAttention(nn.Module):
         y_BxHxTxK = attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS, dropout=dropout, rng=rng)
         y_BxTxHxK = y_BxHxTxK.transpose(0, 2, 1, 3)
         y_BxTxD = _constrain(y_BxTxHxK.reshape(B, T, D), ("batch", "seq", "heads"))
-        y_BxTxD = nn.Dense(
-            D,
+        y_BxTxD = LoraDense(
+            lora=self.lora,
+            train=self.train,
+            features=D,
             dtype=c.dtype,
             param_dtype=c.param_dtype,
             kernel_init=_init(0.02 / np.sqrt(2 * c.n_layer), ("heads", "embed")),
@@ -105,12 +146,15 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     config: GPTConfig
     train: bool = False
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD):
         c = self.config
-        h_BxTxF = nn.Dense(
-            4 * c.n_embd,
+        h_BxTxF = LoraDense(
+            lora=self.lora,
+            train=self.train,
+            features=4 * c.n_embd,
             dtype=c.dtype,
             param_dtype=c.param_dtype,
             kernel_init=_init(0.02, ("embed", "mlp")),
@@ -118,8 +162,10 @@ class MLP(nn.Module):
             name="c_fc",
         )(x_BxTxD)
         h_BxTxF = _constrain(jax.nn.gelu(h_BxTxF, approximate=True), ("batch", "seq", "mlp"))
-        y_BxTxD = nn.Dense(
-            c.n_embd,
+        y_BxTxD = LoraDense(
+            lora=self.lora,
+            train=self.train,
+            features=c.n_embd,
             dtype=c.dtype,
             param_dtype=c.param_dtype,
             kernel_init=_init(0.02 / np.sqrt(2 * c.n_layer), ("mlp", "embed")),
@@ -134,20 +180,25 @@ class Block(nn.Module):
 
     config: GPTConfig
     train: bool = False
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD, kv, cache_index, mask_BxTxS):
         c = self.config
-        a_BxTxD, new_kv = CausalSelfAttention(c, self.train, name="attn")(
+        a_BxTxD, new_kv = CausalSelfAttention(c, self.train, self.lora, name="attn")(
             _layer_norm(c, "ln_1")(x_BxTxD), kv, cache_index, mask_BxTxS
         )
         x_BxTxD = x_BxTxD + a_BxTxD
-        x_BxTxD = x_BxTxD + MLP(c, self.train, name="mlp")(_layer_norm(c, "ln_2")(x_BxTxD))
+        x_BxTxD = x_BxTxD + MLP(c, self.train, self.lora, name="mlp")(_layer_norm(c, "ln_2")(x_BxTxD))
         return _constrain(x_BxTxD, ("batch", "seq", "embed")), new_kv
 
 
 class GPT(nn.Module):
+    """`lora`: with adapters passed as the "lora" collection (`apply({"params": base, "lora": adapters}, ...)`),
+    each targeted layer adds s * dropout(x) A B; nothing changes without them."""
+
     config: GPTConfig
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(
@@ -203,13 +254,13 @@ class GPT(nn.Module):
         # Same stacked params either way; scan_layers=False unrolls the loop at compile time.
         layers = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0 if kv is not None else nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.n_layer,
             unroll=1 if c.scan_layers else c.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, train, name="h")
+        )(c, train, self.lora, name="h")
         x_BxTxD, new_kv = layers(x_BxTxD, kv, index, mask_BxTxS)
 
         x_BxTxD = _layer_norm(c, "ln_f")(x_BxTxD)

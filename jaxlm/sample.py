@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import loader, sharding
+from . import loader, peft_io, sharding
 from .errors import JaxlmError
 from .generate import Generator
 from .sampling import Sampling
@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="resume",
         help="resume (the run in --out-dir) | an HF hub id (gpt2, gpt2-medium, ...) | an HF directory "
         "| a jaxlm checkpoint or run directory",
+    )
+    flag(
+        "--adapter",
+        default=None,
+        help="a Hugging Face PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) for the "
+        "--init-from model, merged into it before sampling",
     )
     flag("--out-dir", default="out", help="the training run that --init-from resume samples from")
     flag("--start", default="\n", help="the prompt, or FILE:path to read it from a file; '<|endoftext|>' for none")
@@ -73,6 +79,8 @@ def main(argv=None) -> int:
     text = _read_start(args.start)
 
     source = _source(args.init_from, args.out_dir)
+    if args.adapter:
+        peft_io.check_adapter(args.adapter)  # a bad adapter fails before the base is loaded
     mesh, shardings, load_from = None, None, source
     if args.mesh:
         mesh = sharding.make_mesh(args.mesh, fewer=True)  # a bad spec fails before any loading
@@ -82,7 +90,7 @@ def main(argv=None) -> int:
         print(f"mesh {sizes} on {mesh.size} of {jax.device_count()} devices", file=sys.stderr, flush=True)
         load_from = path if kind == "hf" else source  # a hub id: its local copy, downloaded once
     print(f"loading {source} ...", file=sys.stderr, flush=True)
-    config, params, spec = loader.load_with_tokenizer(load_from, shardings=shardings)
+    config, params, spec = loader.load_with_tokenizer(load_from, adapter=args.adapter, shardings=shardings)
     tokenizer = _tokenizer(spec, config, source)
     ids = tokenizer.encode(text)
     if not ids:

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from . import lora as lora_lib
 from .config import GPTConfig
 from .errors import JaxlmError
 from .model import logical_axes, param_shapes
@@ -36,6 +37,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("pos", None),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters' rank axis: small, kept whole on every device
 )
 
 
@@ -118,6 +120,13 @@ def param_shardings(config: GPTConfig, mesh: Mesh):
         )
     shardings = logical_to_sharding(specs, mesh)
     check_divisible(param_shapes(config), shardings)
+    return shardings
+
+
+def lora_shardings(config: GPTConfig, lora: lora_lib.LoraConfig, mesh: Mesh):
+    """NamedSharding for every LoRA adapter leaf, from the same RULES as the params they adapt."""
+    shardings = logical_to_sharding(lora_lib.logical_axes(lora), mesh)
+    check_divisible(lora_lib.shapes(config, lora), shardings)
     return shardings
 
 

@@ -56,8 +56,7 @@ def enc(text):
 def torch_logprobs(model, inputs):
     """log p(next token) at every position of `inputs`: [T, V] float64."""
     with torch.no_grad():
-        logits = model(torch.tensor([inputs])).logits[0].double()
-    return torch.log_softmax(logits, -1)
+        return torch.log_softmax(model(torch.tensor([inputs])).logits[0], -1).double()
 
 
 def split(text):
@@ -174,15 +173,17 @@ def test_stride_windows_score_each_token_once():
 
 def test_wikitext2_matches_torch(model):
     torch_model, config, params, tok, _ = model
+    if config.block_size != 64:
+        pytest.skip("one shape is enough for the slowest oracle (rolling windows over a whole article)")
     raw = (ASSETS / "wiki.test.raw").read_text()
-    got = wikitext2(params, config, tok, stride=24, max_examples=4, batch_size=4)
+    got = wikitext2(params, config, tok, stride=24, max_examples=3, batch_size=4)
     text = hf_rows_text(raw)
     ids = enc(text)
     assert ids == tok.encode(text)  # tiktoken and tokenizers agree on the whole text
-    ppl, n = oracle_hf_guide(torch_model, ids, config.block_size, 24, max_windows=4)
-    assert got["tokens_scored"] == n and got["windows"] == 4
+    ppl, n = oracle_hf_guide(torch_model, ids, config.block_size, 24, max_windows=3)
+    assert got["tokens_scored"] == n == 63 + 24 + 24 and got["windows"] == 3
     assert got["token_perplexity"] == pytest.approx(ppl, rel=1e-4)
-    pages = documents(raw)[:4]
+    pages = documents(raw)[:3]
     assert len(documents(raw)) == 62 and pages[0].startswith(" = Robert Boulter = \n")
     loglik = sum(oracle_rolling(torch_model, enc(detokenize(p)), config.block_size) for p in pages)
     words = sum(len(re.split(r"\s+", p)) for p in pages)
@@ -225,7 +226,7 @@ def test_greedy_flag_is_per_token_argmax(model):
 def test_hellaswag_matches_torch(model):
     torch_model, config, params, tok, _ = model
     lines = bz2.decompress((ASSETS / "hellaswag_val_full.txt.bz2").read_bytes()).decode().split("\n")
-    n = 6
+    n = 4
     got = hellaswag(params, config, tok, max_examples=n, batch_size=8)
     preds = {"acc": [], "acc_norm": [], "acc_norm_tokens": []}
     for i in range(n):
@@ -242,7 +243,7 @@ def test_hellaswag_matches_torch(model):
         assert got[metric] == np.mean(np.array(preds[metric]) == gold)
 
 
-def test_gpt2_124m_shape_lambada_and_wikitext_match_torch(tmp_path):
+def test_gpt2_124m_shape_lambada_matches_torch(tmp_path):
     torch_model = save_random_hf(tmp_path, seed=3)  # GPT-2 124M: 12 layers, 768 wide, block 1024
     config, params, tok = jaxlm.load_with_tokenizer(tmp_path)
     tok = jaxlm.tokenizer.from_spec(tok)
@@ -252,14 +253,6 @@ def test_gpt2_124m_shape_lambada_and_wikitext_match_torch(tmp_path):
     ref = [oracle_pair(torch_model, 1024, *split(t)) for t in texts]
     np.testing.assert_allclose(got["details"]["loglik"], [ll for ll, _ in ref], rtol=1e-4)
     assert got["details"]["greedy"] == [g for _, g in ref]
-    # HF-guide windows on a 1,500-token slice: one window of 1024 and two at stride 512 (the last shorter)
-    ids = enc(hf_rows_text((ASSETS / "wiki.test.raw").read_text()))[:1500]
-    scorer = Scorer(params, config, batch_size=4)
-    scored = scorer.score(stride_requests(ids, 1024, 512))
-    nll = -sum(s.total for s in scored) / sum(len(s.logprobs) for s in scored)
-    ppl, n = oracle_hf_guide(torch_model, ids, 1024, 512)
-    assert sum(len(s.logprobs) for s in scored) == n == 1499
-    assert math.exp(nll) == pytest.approx(ppl, rel=1e-4)
 
 
 # ---- the command line and bad input ------------------------------------------------------------------------
@@ -272,12 +265,14 @@ def cli(capsys, *argv):
 
 
 def test_cli_runs_all_tasks_and_writes_json(model, tmp_path, capsys):
-    *_, path = model
-    rc, out, err = cli(capsys, path, "--max-examples", 3, "--output", tmp_path / "r.json", "--no-progress")
+    *_, config, _, _, path = model
+    if config.block_size != 64:
+        pytest.skip("the command line is the same for every shape")
+    rc, out, err = cli(capsys, path, "--max-examples", 2, "--output", tmp_path / "r.json", "--no-progress")
     assert rc == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["tasks"]) == {"wikitext2", "lambada", "hellaswag"}
-    assert report["tasks"]["lambada"]["examples"] == 3 and report["tasks"]["hellaswag"]["examples"] == 3
+    assert report["tasks"]["lambada"]["examples"] == 2 and report["tasks"]["hellaswag"]["examples"] == 2
     assert "token_perplexity" in out and "acc_norm_tokens" in out and "compiles" in out
 
 

@@ -83,9 +83,9 @@ def detokenize(page: str) -> str:
     return page
 
 
-def stride_requests(ids, block_size: int, stride: int) -> list[Request]:
+def stride_requests(ids, block_size: int, stride: int, limit: int | None = None) -> list[Request]:
     """The HF guide's windows: [begin, begin + block_size) every `stride` tokens, each scoring the
-    tokens after the previous window's end; stops at the window that reaches the end."""
+    tokens after the previous window's end; stops at the window that reaches the end (or at `limit`)."""
     out, prev_end, n = [], 0, len(ids)
     for begin in range(0, n, stride):
         end = min(begin + block_size, n)
@@ -94,7 +94,7 @@ def stride_requests(ids, block_size: int, stride: int) -> list[Request]:
         if n_score > 0:
             out.append(Request(tuple(window), n_score))
         prev_end = end
-        if end == n:
+        if end == n or len(out) == limit:
             break
     return out
 
@@ -130,7 +130,7 @@ def wikitext2(
         kept = "".join(ch for ch in text if ch in alphabet)
         out["dropped_chars"] = len(text) - len(kept)
         text = kept
-    requests = stride_requests(tokenizer.encode(text), L, stride)[:max_examples]
+    requests = stride_requests(tokenizer.encode(text), L, stride, limit=max_examples)
     with progress_bar(progress, len(requests), "wikitext2 windows") as bar:
         scored = scorer.score(requests, bar)
     nll = -sum(s.total for s in scored)

@@ -1,5 +1,6 @@
 """jaxlm: GPT-2 in JAX/Flax. The public API."""
 
+from . import eval  # jaxlm.eval.wikitext2, .lambada, .hellaswag
 from .config import PRESETS, TRAIN_PRESETS, GPTConfig, TrainConfig
 from .errors import JaxlmError
 from .generate import GenerateStats, Generator, generate
@@ -20,6 +21,7 @@ __all__ = [
     "Generator",
     "JaxlmError",
     "cross_entropy",
+    "eval",
     "generate",
     "get_tokenizer",
     "init_cache",

@@ -1,6 +1,6 @@
 """jaxlm: GPT-2 in JAX/Flax. The public API."""
 
-from . import lora
+from . import eval, lora  # jaxlm.eval: wikitext2, lambada, hellaswag, tasks; jaxlm.lora
 from .checkpoint import load_run
 from .config import PRESETS, TRAIN_PRESETS, GPTConfig, TrainConfig
 from .errors import JaxlmError
@@ -27,6 +27,7 @@ __all__ = [
     "JaxlmError",
     "LoraConfig",
     "cross_entropy",
+    "eval",
     "generate",
     "get_tokenizer",
     "init_cache",

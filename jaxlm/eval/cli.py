@@ -1,0 +1,116 @@
+"""`python -m jaxlm.eval SOURCE --task ...`: load a model, run tasks from the registry, print a table.
+
+Everything the user can get wrong (task names, flags, data files) is checked before the weights are
+read, so a typo costs a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .. import loader
+from ..config import DTYPES
+from ..errors import JaxlmError
+from ..tokenizer import from_spec
+from . import files
+from .registry import TASKS, Options, parse_tasks, runnable
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxlm.eval",
+        description="Score a model on WikiText-2, LAMBADA and HellaSwag as the field's harnesses do. Tasks: "
+        + "; ".join(f"{t.name}: {t.summary}" for t in TASKS.values()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("source", help="what jaxlm.load accepts: an HF hub id or directory, a jaxlm checkpoint, a run dir")
+    p.add_argument(
+        "--task",
+        default="all",
+        help=f"comma-separated, from {', '.join(TASKS)} or all; NAME=FILE scores NAME on your own copy of its data",
+    )
+    p.add_argument("--output", default=None, help="write all metrics as JSON here (None: print the table only)")
+    p.add_argument("--max-examples", type=int, default=None, help="score the first N examples of each task (None: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (logits and softmax stay float32)")
+    p.add_argument("--stride", type=int, default=512, help="WikiText-2 sliding-window stride in tokens")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="a folder holding the data files under their usual names "
+        f"({', '.join(t.data for t in TASKS.values() if t.data)}); None: the bundled copies",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_examples is not None and args.max_examples < 1:
+        raise JaxlmError(f"--max-examples must be >= 1 (or left out for all), got {args.max_examples}")
+    if args.batch_size < 1:
+        raise JaxlmError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.stride < 1:
+        raise JaxlmError(f"--stride must be >= 1, got {args.stride}")
+    chosen = parse_tasks(args.task)
+    for task, file in chosen:
+        if task.data or file:
+            files.locate(task.data, file, args.data_dir)
+    explicit = "all" not in [s.strip() for s in args.task.split(",")]
+
+    config, params, tok_spec = loader.load_with_tokenizer(args.source, dtype=args.dtype)
+    tokenizer = from_spec(tok_spec)
+    kept = runnable(chosen, tokenizer, explicit)
+    skipped = [t.name for t, _ in chosen if all(k is not t for k, _ in kept)]
+    if skipped:
+        print(
+            f"note: {', '.join(skipped)} skipped: they need GPT-2's BPE tokenizer, this model is char-level",
+            file=sys.stderr,
+        )
+
+    options = Options(args.batch_size, args.max_examples, args.stride, args.data_dir, progress=not args.no_progress)
+    results = {}
+    for task, file in kept:
+        t0 = time.perf_counter()
+        metrics = task.run(params, config, tokenizer, file, options)
+        metrics["seconds"] = round(time.perf_counter() - t0, 2)
+        results[task.name] = metrics
+    print(format_table(results))
+    if args.output:
+        report = {"source": str(args.source), "dtype": args.dtype, "config": config.to_dict(), "tasks": results}
+        write_json(Path(args.output), report)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def format_table(results: dict) -> str:
+    rows = [("task", "metric", "value")]
+    for name, metrics in results.items():
+        shown = [m for m in TASKS[name].headline if m in metrics] + ["compiles", "seconds"]
+        rows += [(name, m, _fmt(metrics[m])) for m in shown]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_json(path: Path, report: dict):
+    """Written to a temporary file beside `path`, then renamed: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -8,17 +8,22 @@ It is written under a temporary name and renamed when complete, so a crash leave
 
 from __future__ import annotations
 
+import gc
+import io
 import json
 import logging
 import os
 import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 from .config import GPTConfig
-from .errors import JaxlmError
+from .errors import JaxlmError, disk_full
 from .model import param_shapes
 
 META_FILE = "jaxlm.json"
@@ -43,17 +48,34 @@ def save(path, config: GPTConfig, params, tokenizer=None, *, overwrite: bool = F
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _sync("jaxlm_save_mkdir")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp / "params", params)
-    checkpointer.wait_until_finished()
+    held = _HeldStderr()
+    try:
+        with held:  # a failed Orbax write prints tracebacks from its threads; the user gets one line
+            try:
+                checkpointer = ocp.StandardCheckpointer()
+                checkpointer.save(tmp / "params", params)
+                checkpointer.wait_until_finished()
+            except BaseException:
+                checkpointer.close()
+                held.settle()
+                raise
+        if jax.process_index() == 0:
+            meta = {
+                "format": "jaxlm",
+                "version": FORMAT_VERSION,
+                "config": config.to_dict(),
+                "tokenizer": tokenizer.to_spec() if tokenizer is not None else None,
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    except BaseException as e:
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):  # the old checkpoint at `path` (if any) is untouched
+            raise CheckpointError(f"cannot write {path}: {disk_full(e)}; free some space and save again") from None
+        held.replay()  # any other failure keeps Orbax's diagnostics
+        raise
+    held.replay()
     if jax.process_index() == 0:
-        meta = {
-            "format": "jaxlm",
-            "version": FORMAT_VERSION,
-            "config": config.to_dict(),
-            "tokenizer": tokenizer.to_spec() if tokenizer is not None else None,
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -70,7 +92,7 @@ def read_meta(path) -> dict:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_file} is corrupt ({e}); re-create the checkpoint") from None
-    if meta.get("format") != "jaxlm" or "config" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != "jaxlm" or "config" not in meta:
         raise CheckpointError(f"{meta_file} is not a jaxlm checkpoint description")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer jaxlm (format {meta['version']}); upgrade jaxlm")
@@ -114,11 +136,72 @@ def restore_pytree(directory, abstract, shardings=None):
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     try:
         return ocp.StandardCheckpointer().restore(directory, target)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:  # TensorStore reports a missing or truncated array file as a bare Exception
         raise CheckpointError(
-            f"cannot restore {directory}: {msg}; the checkpoint is corrupt or does not match its config"
+            f"cannot restore {directory}: {_reason(e)}; the checkpoint is corrupt or does not match its config "
+            "(re-create it, or restore it from a copy)"
         ) from None
+
+
+def _reason(e: BaseException) -> str:
+    """One short line from an Orbax/TensorStore error: the innermost cause (which names the array and
+    what is wrong with its file), without TensorStore's multi-kilobyte spec dumps."""
+    while (e.__cause__ or e.__context__) is not None and "TensorStore" in str(e):
+        e = e.__cause__ or e.__context__
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    msg = msg.split(" [tensorstore_spec")[0].split(" See full TensorStore details")[0]
+    return msg if len(msg) <= 300 else msg[:300] + "..."
+
+
+class _HeldStderr:
+    """Holds what is written to file descriptor 2 (Python and C++ alike) in memory while active;
+    `replay()` writes it out. A pipe drained by a thread, not a file: the disk may be the thing that is full."""
+
+    def __enter__(self):
+        self.data, self.saved, self.reader = bytearray(), None, None
+        self.threads = set(threading.enumerate())
+        sys.stderr.flush()
+        self.py, sys.stderr = sys.stderr, io.StringIO()  # Python's writes, also where sys.stderr is not fd 2
+        try:
+            self.saved = os.dup(2)
+        except (OSError, ValueError):  # no usable fd 2: hold nothing
+            return self
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        self.reader = threading.Thread(target=self._drain, args=(read_fd,), daemon=True)
+        self.reader.start()
+        return self
+
+    def _drain(self, fd):
+        with os.fdopen(fd, "rb") as f:
+            while chunk := f.read1(65536):
+                self.data += chunk
+
+    def settle(self, timeout: float = 5.0):
+        """After a failure: let the writer's threads end (they print as they die), collect its
+        failed asyncio tasks (logged when collected), all while still held."""
+        deadline = time.monotonic() + timeout
+        for t in set(threading.enumerate()) - self.threads - {self.reader}:
+            t.join(max(0.0, deadline - time.monotonic()))
+        gc.collect()
+
+    def __exit__(self, *exc):
+        held_py, sys.stderr = sys.stderr, self.py
+        self.data += held_py.getvalue().encode()
+        if self.saved is not None:
+            sys.stderr.flush()
+            os.dup2(self.saved, 2)  # closes the pipe's last write end: the reader sees EOF
+            os.close(self.saved)
+            if self.reader is not None:
+                self.reader.join(timeout=5)
+            self.saved = None
+
+    def replay(self):
+        if self.data:
+            sys.stderr.write(self.data.decode(errors="replace"))
+            sys.stderr.flush()
+            self.data = bytearray()
 
 
 def _sync(name: str):
@@ -183,10 +266,9 @@ def restore_run_step(manager: ocp.CheckpointManager, step: int, abstract: dict |
     items = {name: ocp.args.StandardRestore(tree) for name, tree in (abstract or {}).items()}
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:  # TensorStore reports a missing or truncated array file as a bare Exception
         raise CheckpointError(
-            f"cannot restore step {step} from {manager.directory}: {msg}; the checkpoint is corrupt or "
+            f"cannot restore step {step} from {manager.directory}: {_reason(e)}; the checkpoint is corrupt or "
             "does not match this model"
         ) from None
     return {name: restored[name] for name in (*items, "meta")}

@@ -17,6 +17,7 @@ import shutil
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -162,6 +163,7 @@ class _HeldStderr:
         self.threads = set(threading.enumerate())
         sys.stderr.flush()
         self.py, sys.stderr = sys.stderr, io.StringIO()  # Python's writes, also where sys.stderr is not fd 2
+        self.hook, sys.unraisablehook = sys.unraisablehook, self._unraisable  # errors in TensorStore callbacks
         try:
             self.saved = os.dup(2)
         except (OSError, ValueError):  # no usable fd 2: hold nothing
@@ -172,6 +174,9 @@ class _HeldStderr:
         self.reader = threading.Thread(target=self._drain, args=(read_fd,), daemon=True)
         self.reader.start()
         return self
+
+    def _unraisable(self, u):
+        sys.stderr.write("".join(traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback)))
 
     def _drain(self, fd):
         with os.fdopen(fd, "rb") as f:
@@ -187,7 +192,7 @@ class _HeldStderr:
         gc.collect()
 
     def __exit__(self, *exc):
-        held_py, sys.stderr = sys.stderr, self.py
+        held_py, sys.stderr, sys.unraisablehook = sys.stderr, self.py, self.hook
         self.data += held_py.getvalue().encode()
         if self.saved is not None:
             sys.stderr.flush()

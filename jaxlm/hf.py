@@ -178,7 +178,10 @@ def read_config(path, **config_overrides) -> GPTConfig:
         raise HFFormatError(f"{cfg_file} is corrupt ({e})") from None
     if not isinstance(hf_cfg, dict):
         raise HFFormatError(f"{cfg_file} is corrupt (a JSON {type(hf_cfg).__name__}, not an object)")
-    return config_from_hf(hf_cfg, **config_overrides)
+    try:
+        return config_from_hf(hf_cfg, **config_overrides)
+    except HFFormatError as e:
+        raise HFFormatError(f"{cfg_file}: {e}") from None
 
 
 def load_hf_dir(path, progress=None, **config_overrides):

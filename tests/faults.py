@@ -93,14 +93,16 @@ def run_limited(*args, max_file_bytes: int, timeout: float = 300, env=None, cwd=
 
 
 def assert_user_error(returncode: int, stderr: str, *needles: str):
-    """Exit 2 and exactly one stderr line, `error: ...` containing each needle; never a traceback."""
+    """Exit 2; stderr ends with one `error: ...` line holding each needle (status lines such as
+    "loading ..." may precede it, nothing else mentions an error); never a traceback."""
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert returncode == 2, f"exit {returncode}, stderr:\n{stderr}"
     assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert lines and lines[-1].startswith("error: "), stderr
+    assert sum("error" in line.lower() for line in lines) == 1, stderr
     for needle in needles:
-        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
+        assert needle.lower() in lines[-1].lower(), f"{needle!r} not in {lines[-1]!r}"
+    return lines[-1]
 
 
 def snapshot(path) -> dict[str, str]:

@@ -154,6 +154,27 @@ def _reason(e: BaseException) -> str:
     return msg if len(msg) <= 300 else msg[:300] + "..."
 
 
+class _QuietDiskFull(logging.Filter):
+    """asyncio logs Orbax's failed write tasks when they are collected, possibly at exit, after
+    the save has already reported the full disk in one line: drop those records only."""
+
+    def filter(self, record):
+        return not (record.exc_info and record.exc_info[1] is not None and disk_full(record.exc_info[1]))
+
+
+logging.getLogger("asyncio").addFilter(_QuietDiskFull())
+
+
+class _Stamped(io.StringIO):
+    def __init__(self, held):
+        super().__init__()
+        self.held = held
+
+    def write(self, text):
+        self.held.last = time.monotonic()
+        return super().write(text)
+
+
 class _HeldStderr:
     """Holds what is written to file descriptor 2 (Python and C++ alike) in memory while active;
     `replay()` writes it out. A pipe drained by a thread, not a file: the disk may be the thing that is full."""
@@ -162,7 +183,8 @@ class _HeldStderr:
         self.data, self.saved, self.reader = bytearray(), None, None
         self.threads = set(threading.enumerate())
         sys.stderr.flush()
-        self.py, sys.stderr = sys.stderr, io.StringIO()  # Python's writes, also where sys.stderr is not fd 2
+        self.last = time.monotonic()
+        self.py, sys.stderr = sys.stderr, _Stamped(self)  # Python's writes, also where sys.stderr is not fd 2
         self.hook, sys.unraisablehook = sys.unraisablehook, self._unraisable  # errors in TensorStore callbacks
         try:
             self.saved = os.dup(2)
@@ -182,6 +204,7 @@ class _HeldStderr:
         with os.fdopen(fd, "rb") as f:
             while chunk := f.read1(65536):
                 self.data += chunk
+                self.last = time.monotonic()
 
     def settle(self, timeout: float = 5.0):
         """After a failure: let the writer's threads end (they print as they die), collect its
@@ -190,6 +213,9 @@ class _HeldStderr:
         for t in set(threading.enumerate()) - self.threads - {self.reader}:
             t.join(max(0.0, deadline - time.monotonic()))
         gc.collect()
+        # TensorStore's late callbacks still print into a closed event loop: wait for a quiet half second.
+        while time.monotonic() - self.last < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def __exit__(self, *exc):
         held_py, sys.stderr, sys.unraisablehook = sys.stderr, self.py, self.hook

@@ -216,13 +216,14 @@ def test_fuzz_gpt_apply(tiny_params, shape, dtype, low, span):
     assert logits.shape == (*shape, TINY.vocab_size) and bool(jnp.isfinite(logits).all())
 
 
-@settings(FUZZ, max_examples=25)  # mostly valid values, so that generation runs, not only the checks
+@settings(FUZZ, max_examples=12)  # mostly valid values, so that generation runs, not only the checks
 @given(
     prompts=st.one_of(
-        st.lists(st.lists(st.integers(0, 39) | st.integers(-2, 42), max_size=18), max_size=2),
+        st.lists(st.lists(st.integers(0, 39), min_size=1, max_size=8), min_size=1, max_size=2),
+        st.lists(st.lists(st.integers(-2, 42), max_size=18), max_size=2),
         st.sampled_from([[], "text", [[1, 2], "ab"], [[[1]]], [1, 2], [[1.5, 2]], None, [[True]]]),
     ),
-    max_new=st.integers(-1, 17) | st.sampled_from([1.5, "3", None, True]),
+    max_new=st.integers(1, 8) | st.integers(-1, 17) | st.sampled_from([1.5, "3", None, True]),
     temperature=st.sampled_from([0.0, 0.8, 0.8, 1.0, -1.0, float("nan"), float("inf"), "hot"]),
     top_k=st.sampled_from([None, None, 1, 5, 1000, 0, -3]),
     top_p=st.sampled_from([1.0, 1.0, 0.5, 0.0, 1.5, float("nan")]),

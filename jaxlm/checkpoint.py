@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 
 from . import lora as lora_lib
 from .config import GPTConfig
-from .errors import JaxlmError
+from .errors import JaxlmError, disk_full
+from .heldstderr import HeldStderr
 from .model import param_shapes
 from .tree import combine, partition
 
@@ -71,22 +72,39 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _sync("jaxlm_save_mkdir")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp / "params", params)
-    checkpointer.wait_until_finished()
-    if adapters is not None:
-        checkpointer.save(tmp / "adapters", adapters)
-        checkpointer.wait_until_finished()
+    held = HeldStderr()
+    try:
+        with held:  # a failed Orbax write prints tracebacks from its threads; the user gets one line
+            try:
+                checkpointer = ocp.StandardCheckpointer()
+                checkpointer.save(tmp / "params", params)
+                checkpointer.wait_until_finished()
+                if adapters is not None:
+                    checkpointer.save(tmp / "adapters", adapters)
+                    checkpointer.wait_until_finished()
+            except BaseException:
+                checkpointer.close()
+                held.settle()
+                raise
+        if jax.process_index() == 0:
+            meta = {
+                "format": "jaxlm",
+                "version": FORMAT_VERSION,
+                "config": config.to_dict(),
+                "tokenizer": tokenizer.to_spec() if tokenizer is not None else None,
+            }
+            if lora_meta is not None:
+                meta["lora"] = lora_meta
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    except BaseException as e:
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):  # the old checkpoint at `path` (if any) is untouched
+            raise CheckpointError(f"cannot write {path}: {disk_full(e)}; free some space and save again") from None
+        held.replay()  # any other failure keeps Orbax's diagnostics
+        raise
+    held.replay()
     if jax.process_index() == 0:
-        meta = {
-            "format": "jaxlm",
-            "version": FORMAT_VERSION,
-            "config": config.to_dict(),
-            "tokenizer": tokenizer.to_spec() if tokenizer is not None else None,
-        }
-        if lora_meta is not None:
-            meta["lora"] = lora_meta
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -103,7 +121,7 @@ def read_meta(path) -> dict:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_file} is corrupt ({e}); re-create the checkpoint") from None
-    if meta.get("format") != "jaxlm" or "config" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != "jaxlm" or "config" not in meta:
         raise CheckpointError(f"{meta_file} is not a jaxlm checkpoint description")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer jaxlm (format {meta['version']}); upgrade jaxlm")
@@ -170,11 +188,21 @@ def restore_pytree(directory, abstract, shardings=None):
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     try:
         return ocp.StandardCheckpointer().restore(directory, target)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:  # TensorStore reports a missing or truncated array file as a bare Exception
         raise CheckpointError(
-            f"cannot restore {directory}: {msg}; the checkpoint is corrupt or does not match its config"
+            f"cannot restore {directory}: {_reason(e)}; the checkpoint is corrupt or does not match its config "
+            "(re-create it, or restore it from a copy)"
         ) from None
+
+
+def _reason(e: BaseException) -> str:
+    """One short line from an Orbax/TensorStore error: the innermost cause (which names the array and
+    what is wrong with its file), without TensorStore's multi-kilobyte spec dumps."""
+    while (e.__cause__ or e.__context__) is not None and "TensorStore" in str(e):
+        e = e.__cause__ or e.__context__
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    msg = msg.split(" [tensorstore_spec")[0].split(" See full TensorStore details")[0]
+    return msg if len(msg) <= 300 else msg[:300] + "..."
 
 
 def _sync(name: str):
@@ -286,10 +314,9 @@ def restore_run_step(manager: ocp.CheckpointManager, step: int, abstract: dict |
     items = {name: ocp.args.StandardRestore(tree) for name, tree in (abstract or {}).items()}
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:  # TensorStore reports a missing or truncated array file as a bare Exception
         raise CheckpointError(
-            f"cannot restore step {step} from {manager.directory}: {msg}; the checkpoint is corrupt or "
+            f"cannot restore step {step} from {manager.directory}: {_reason(e)}; the checkpoint is corrupt or "
             "does not match this model"
         ) from None
     return {name: restored[name] for name in (*items, "meta")}

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from .config import GPTConfig
-from .errors import JaxlmError
+from .errors import JaxlmError, disk_full
 from .model import param_shapes
 
 # (jaxlm path, HF name under "transformer."); "h/" entries are per layer, stacked on axis 0.
@@ -81,6 +81,12 @@ def config_from_hf(hf: dict, **overrides) -> GPTConfig:
     n_inner = hf.get("n_inner")
     if n_inner not in (None, 4 * n_embd):
         raise HFFormatError(f"HF config option n_inner={n_inner} is not supported (jaxlm uses 4 * n_embd)")
+    for key in ("vocab_size", "n_positions", "n_ctx", "n_layer", "n_head", "n_embd"):
+        if key in hf and not _is_int(hf[key]):
+            raise HFFormatError(f"HF config option {key}={hf[key]!r} must be a positive integer; fix config.json")
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon"):
+        if key in hf and not (_is_number(hf[key]) and hf[key] >= 0):
+            raise HFFormatError(f"HF config option {key}={hf[key]!r} must be a number >= 0; fix config.json")
     pdrops = {hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     fields = dict(
         vocab_size=hf.get("vocab_size", 50257),
@@ -96,6 +102,14 @@ def config_from_hf(hf: dict, **overrides) -> GPTConfig:
         return GPTConfig(**{**fields, **overrides})
     except ValueError as e:
         raise HFFormatError(f"HF config is not a valid GPT-2 config: {e}") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def config_to_hf(config: GPTConfig) -> dict:
@@ -135,16 +149,20 @@ def _weight_files(path: Path) -> list[Path]:
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise HFFormatError(f"{index} is corrupt ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise HFFormatError(f"{index} is corrupt ({type(e).__name__}: {e}); re-save the model") from None
         return [path / n for n in names]
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
     pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
-    hint = f" (found {pickles[0]}: jaxlm never loads pickled weights)" if pickles else ""
+    if pickles:
+        raise HFFormatError(
+            f"{path} has no model.safetensors, only {pickles[0]} (jaxlm never loads pickled weights); convert it to "
+            "safetensors: load it in transformers and save_pretrained(DIR, safe_serialization=True)"
+        )
     raise HFFormatError(
-        f"{path} has no model.safetensors{hint}; re-save the model with save_pretrained(..., safe_serialization=True)"
+        f"{path} has no model.safetensors; re-save the model with save_pretrained(..., safe_serialization=True)"
     )
 
 
@@ -158,7 +176,12 @@ def read_config(path, **config_overrides) -> GPTConfig:
         raise HFFormatError(f"{path} has no config.json; it is not a Hugging Face model directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HFFormatError(f"{cfg_file} is corrupt ({e})") from None
-    return config_from_hf(hf_cfg, **config_overrides)
+    if not isinstance(hf_cfg, dict):
+        raise HFFormatError(f"{cfg_file} is corrupt (a JSON {type(hf_cfg).__name__}, not an object)")
+    try:
+        return config_from_hf(hf_cfg, **config_overrides)
+    except HFFormatError as e:
+        raise HFFormatError(f"{cfg_file}: {e}") from None
 
 
 def load_hf_dir(path, progress=None, **config_overrides):
@@ -194,13 +217,21 @@ def _from_hf_tensors(tensors: dict, config: GPTConfig, where: str):
             if key not in tensors:
                 raise HFFormatError(f"{where}: weight {_PREFIX}{key} is missing; the checkpoint is incomplete")
             used.add(key)
-            arrays.append(tensors[key])
+            t = tensors[key]
+            if t.shape != _hf_shape(want.shape, hname):
+                raise HFFormatError(
+                    f"{where}: weight {_PREFIX}{key} has shape {t.shape}, which does not match the config "
+                    f"(expected {_hf_shape(want.shape, hname)}); config.json and the weights disagree"
+                )
+            if t.dtype.kind != "f" and t.dtype.name != "bfloat16":
+                raise HFFormatError(
+                    f"{where}: weight {_PREFIX}{key} has dtype {t.dtype}, not floating point; the file is corrupt "
+                    "or not a GPT-2 checkpoint"
+                )
+            if not np.isfinite(t).all():
+                raise HFFormatError(f"{where}: weight {_PREFIX}{key} holds NaN or inf; the checkpoint is corrupt")
+            arrays.append(t)
         x = np.stack(arrays) if "{i}" in hname else arrays[0]
-        if x.size != np.prod(want.shape):
-            raise HFFormatError(
-                f"{where}: weight {_PREFIX}{hname.format(i=0)} has shape {arrays[0].shape}, which does not "
-                f"match the config (expected {_hf_shape(want.shape, hname)}); config.json and the weights disagree"
-            )
         x = x.reshape(want.shape)
         _set(params, jpath, x.astype(dtype) if dtype is not None else _to_bf16(x))
     extra = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))
@@ -242,12 +273,14 @@ def to_hf(config: GPTConfig, params, out_dir, progress=None) -> Path:
     try:
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):
+            raise JaxlmError(f"cannot write {out}: {disk_full(e)}; free some space and convert again") from None
         raise
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
     return out
 
 

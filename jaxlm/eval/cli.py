@@ -18,7 +18,7 @@ from .. import loader
 from ..config import DTYPES
 from ..errors import JaxlmError
 from ..tokenizer import from_spec
-from . import files
+from .files import locate
 from .registry import TASKS, Options, parse_tasks, runnable
 
 
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     chosen = parse_tasks(args.task)
     for task, file in chosen:
         if task.data or file:
-            files.locate(task.data, file, args.data_dir)
+            locate(task.data, file, args.data_dir)
     explicit = "all" not in [s.strip() for s in args.task.split(",")]
 
     config, params, tok_spec = loader.load_with_tokenizer(args.source, dtype=args.dtype)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..tokenizer import GPT2_EOT_ID
-from . import files
 from .common import check_max_examples, progress_bar, require_bpe, scorer_for
+from .files import HELLASWAG, locate, read_hellaswag
 from .loglik import encode_pair, pair_request
 
 
@@ -33,7 +33,7 @@ def hellaswag(
     """{"acc", "acc_norm", "acc_norm_tokens", "examples", "compiles"}."""
     check_max_examples(max_examples)
     require_bpe(tokenizer, config, "hellaswag")
-    tasks = files.read_hellaswag(files.locate(files.HELLASWAG, path, data_dir))[:max_examples]
+    tasks = read_hellaswag(locate(HELLASWAG, path, data_dir))[:max_examples]
     scorer = scorer_for(params, config, batch_size, scorer)
     requests = [
         pair_request(*encode_pair(tokenizer, context, " " + ending, GPT2_EOT_ID), config.block_size)

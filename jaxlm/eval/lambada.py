@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 from ..tokenizer import GPT2_EOT_ID
-from . import files
 from .common import check_max_examples, progress_bar, require_bpe, scorer_for
+from .files import LAMBADA, locate, read_lambada
 from .loglik import encode_pair, pair_request
 
 
@@ -36,7 +36,7 @@ def lambada(
     """lambada_openai: {"acc", "perplexity", "examples", "compiles"}."""
     check_max_examples(max_examples)
     require_bpe(tokenizer, config, "lambada")
-    texts = files.read_lambada(files.locate(files.LAMBADA, path, data_dir))[:max_examples]
+    texts = read_lambada(locate(LAMBADA, path, data_dir))[:max_examples]
     scorer = scorer_for(params, config, batch_size, scorer)
     requests = [pair_request(*encode_pair(tokenizer, *split_example(t), GPT2_EOT_ID), config.block_size) for t in texts]
     with progress_bar(progress, len(requests), "lambada") as bar:

@@ -20,8 +20,8 @@ import math
 import re
 
 from ..tokenizer import GPT2_EOT_ID
-from . import files
 from .common import check_max_examples, is_bpe, progress_bar, scorer_for
+from .files import WIKITEXT2, locate, read_wikitext
 from .loglik import Request, rolling_requests
 
 
@@ -119,7 +119,7 @@ def wikitext2(
         from ..errors import JaxlmError
 
         raise JaxlmError(f"--stride must be >= 1, got {stride}")
-    raw = files.read_wikitext(files.locate(files.WIKITEXT2, path, data_dir))
+    raw = read_wikitext(locate(WIKITEXT2, path, data_dir))
     scorer = scorer_for(params, config, batch_size, scorer)
     L = config.block_size
     stride = min(stride, L)  # a stride past the window would skip tokens

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import JaxlmError
-from . import files
 from .common import is_bpe
+from .files import HELLASWAG, LAMBADA, WIKITEXT2
 from .hellaswag import hellaswag
 from .lambada import lambada
 from .perplexity import wikitext2
@@ -36,7 +36,7 @@ class Task:
     bpe_only: bool = True  # GPT-2 BPE models only (the published numbers are in its tokens)
     needs_file: bool = False
     headline: tuple[str, ...] = ()  # metrics shown in the final table, in order
-    data: str | None = None  # the bundled file's name (files.locate finds it, or FILE / --data-dir)
+    data: str | None = None  # the bundled file's name (locate finds it, or FILE / --data-dir)
 
 
 TASKS: dict[str, Task] = {}
@@ -92,7 +92,7 @@ register(
         lambda p, c, tok, file, o: wikitext2(p, c, tok, stride=o.stride, **_common(o, file)),
         "WikiText-2 test: HF-guide token perplexity at --stride; lm-eval word/byte perplexity, bits per byte",
         bpe_only=False,
-        data=files.WIKITEXT2,
+        data=WIKITEXT2,
         headline=("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"),
     )
 )
@@ -101,7 +101,7 @@ register(
         "lambada",
         lambda p, c, tok, file, o: lambada(p, c, tok, **_common(o, file)),
         "LAMBADA (OpenAI's test set) as lm-eval's lambada_openai: acc, perplexity",
-        data=files.LAMBADA,
+        data=LAMBADA,
         headline=("acc", "perplexity"),
     )
 )
@@ -110,7 +110,7 @@ register(
         "hellaswag",
         lambda p, c, tok, file, o: hellaswag(p, c, tok, **_common(o, file)),
         "HellaSwag val (text form): acc, acc_norm (per character), acc_norm_tokens (per token)",
-        data=files.HELLASWAG,
+        data=HELLASWAG,
         headline=("acc", "acc_norm", "acc_norm_tokens"),
     )
 )

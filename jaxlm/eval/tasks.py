@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .. import templates
 from ..errors import JaxlmError
 from ..generate import Generator
-from . import metrics
+from .metrics import bleu_chrf, rouge, squad
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,11 @@ def run(
             bar.update(len(idx))
 
     if task.name == "summarize":
-        scores = metrics.rouge(texts, refs)
+        scores = rouge(texts, refs)
     elif task.name == "translate":
-        scores = metrics.bleu_chrf(texts, refs)
+        scores = bleu_chrf(texts, refs)
     else:
-        scores = metrics.squad(texts, refs)
+        scores = squad(texts, refs)
     predictions = [{"prediction": t, task.reference: r} for t, r in zip(texts, refs, strict=True)]
     return {
         "task": task.name,

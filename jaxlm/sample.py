@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-return-sequences",
         type=int,
         default=None,
-        help="sequences per prompt: the best beams with --num-beams (which then runs one prompt), else draws per sample",
+        help="sequences per prompt: the best beams with --num-beams (then one prompt), else draws per sample",
     )
     flag("--length-penalty", type=float, default=1.0, help="beam scores are log-prob / new_tokens ** this")
     flag(

@@ -177,3 +177,18 @@ def test_hello_example_matches_transformers(tmp_path):
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_length=50, num_return_sequences=1, do_sample=False)
     assert r.stdout == tok.decode(out[0].tolist()) + "\n"
+
+
+def test_bfloat16_keeps_weights_and_kv_cache_in_bf16():
+    c = jaxlm.GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=97, block_size=64)
+    params = jax.jit(jaxlm.init_params, static_argnums=0)(c, jax.random.key(0))
+    gen = Generator(params, c, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(gen.dparams)} == {jax.numpy.dtype("bfloat16")}
+    out = gen([[1, 2, 3]], max_new_tokens=5, temperature=0, eos_id=None)
+    assert len(out[0]) == 5
+    from jaxlm.generate import _EXECUTABLES
+
+    loop = next(e for k, e in _EXECUTABLES.items() if k[0] == "sample_loop" and dict(k[3:])["path"].c == gen.config)
+    assert "bf16[1,2,72,16]" in loop.as_text()  # the per-layer [B, H, S, K] cache
+    with pytest.raises(jaxlm.JaxlmError, match="dtype must be one of float32, bfloat16"):
+        Generator(params, c, dtype="float16")

@@ -1,12 +1,15 @@
-"""Decode speed: jaxlm.generate vs transformers PyTorch `generate`, GPT-2 124M shape, CPU, same run.
+"""Decode speed: jaxlm.generate vs transformers PyTorch and HF's Flax GPT-2, GPT-2 124M shape, CPU, same run.
 
-    python bench/bench_generate.py            # prints a markdown table (run it on a quiet machine)
+    python bench/bench_generate.py --hf-flax-python PATH   # PATH: a Python with transformers 4.57, flax, jax
 
-Greedy, 8-token prompt, 128 new tokens (no early stop), batch 1 and 8, random weights shared by
-both sides (jaxlm's init written out with `jaxlm.to_hf`), float32. jaxlm's tokens/s is the decode
-loop's (batch x steps / time; compile and prefill excluded, both reported); PyTorch's is the whole
-`generate` call (its prefill of 8 tokens is about one step). The bandwidth bound is the parameter
-bytes read per step over a measured read bandwidth (a jitted sum of a 512 MB array).
+Greedy, 8-token prompt, 128 new tokens (no early stop), batch 1 and 8, float32 and bfloat16, random
+weights shared by jaxlm and PyTorch (jaxlm's init written out with `jaxlm.to_hf`); HF Flax runs
+`jax.jit(model.generate)` on its own random init (bench/hf_flax_generate.py, a subprocess). Then
+beam search with 4 beams, jaxlm against PyTorch (float32, batch 1). jaxlm's tokens/s is the decode
+loop's (batch x steps / time; compile and prefill excluded, both reported); the peers' is the whole
+`generate` call (their prefill of 8 tokens is about one step). The bandwidth bound is the parameter
+bytes read per step over a measured read bandwidth (a jitted sum of a 512 MB array); a row at a
+large fraction of it is bandwidth-bound, one far below it compute-bound.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import argparse
 import datetime
 import os
 import platform
+import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +30,7 @@ import jaxlm
 from jaxlm.generate import Generator
 
 PROMPT, NEW = 8, 128
-# HF Flax GPT-2 (transformers 4.57, jax.jit(model.generate)) on this machine kind, from the issue.
-HF_FLAX = {1: 14, 8: 113}
+BEAMS = 4
 
 
 def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 10) -> float:
@@ -41,16 +45,29 @@ def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 10) -> float:
     return nbytes / best
 
 
-def bench_jaxlm(gen: Generator, batch: int, reps: int):
+def bench_jaxlm(gen: Generator, batch: int, reps: int, **options):
     prompts = [list(range(1000, 1000 + PROMPT))] * batch
     runs = []
     for _ in range(reps + 1):  # the first call compiles
-        out = gen(prompts, max_new_tokens=NEW, temperature=0.0, eos_id=None)
+        out = gen(prompts, max_new_tokens=NEW, temperature=0.0, eos_id=None, **options)
         runs.append(gen.stats)
     compile_s = runs[0].compile_s
     best = min(runs[1:], key=lambda s: s.decode_s)
     assert best.steps == NEW and all(len(r) == NEW for r in out)
     return best, compile_s, out
+
+
+def bench_hf_flax(python: str, batch: int, dtype: str, reps: int, config) -> tuple[float, float]:
+    """(tok/s, compile s) of HF's Flax GPT-2 in its own venv."""
+    script = Path(__file__).with_name("hf_flax_generate.py")
+    cmd = [python, str(script), "--batch", str(batch), "--prompt", str(PROMPT), "--new", str(NEW)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd += ["--dtype", dtype, "--reps", str(reps), "--n-layer", str(config.n_layer), "--n-embd", str(config.n_embd)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"HF Flax bench failed:\n{r.stderr[-2000:]}")
+    tps, compile_s = r.stdout.split()[-2:]
+    return float(tps), float(compile_s)
 
 
 def bench_model_apply(config, params, batch: int, reps: int) -> float:
@@ -80,7 +97,7 @@ def bench_model_apply(config, params, batch: int, reps: int) -> float:
     return batch * NEW / best
 
 
-def bench_torch(model, batch: int, reps: int, threads: int):
+def bench_torch(model, batch: int, reps: int, threads: int, **options):
     import torch
 
     torch.set_num_threads(threads)
@@ -90,7 +107,9 @@ def bench_torch(model, batch: int, reps: int, threads: int):
     with torch.inference_mode():
         for i in range(reps + 1):
             t0 = time.perf_counter()
-            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
+            out = model.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW, **options
+            )
             if i:
                 best = min(best, time.perf_counter() - t0)
     assert out.shape == (batch, PROMPT + NEW)
@@ -100,16 +119,23 @@ def bench_torch(model, batch: int, reps: int, threads: int):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--reps", type=int, default=3, help="timed runs per row (best is reported)")
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    p.add_argument("--hf-flax-python", default=None, help="a Python with transformers 4.57 + flax (None: skip)")
+    p.add_argument("--no-beams", action="store_true", help="skip the beam search rows")
     p.add_argument("--model-apply", action="store_true", help="also time the loop through GPT.apply's cache")
+    p.add_argument("--n-layer", type=int, default=12, help="GPT-2 124M's; fewer to try the script quickly")
+    p.add_argument("--n-embd", type=int, default=768, help="GPT-2 124M's (heads: n_embd / 64)")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    dtypes = args.dtypes.split(",")
 
-    config = jaxlm.GPTConfig.preset("gpt2")
+    shape = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=max(args.n_embd // 64, 1))
+    config = jaxlm.GPTConfig.preset("gpt2", **shape)
     params = jax.jit(jaxlm.init_params, static_argnums=0)(config, jax.random.key(0))
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"]["embedding"].nbytes
+    f32_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"]["embedding"].nbytes
     model = None
     if not args.no_torch:
         import transformers
@@ -118,18 +144,41 @@ def main():
             jaxlm.to_hf(config, params, f"{d}/gpt2")
             model = transformers.GPT2LMHeadModel.from_pretrained(f"{d}/gpt2").eval()
         model.generation_config.pad_token_id = 50256
-    t0 = time.perf_counter()
-    gen = Generator(params, config)
-    prepare_s = time.perf_counter() - t0
     bandwidth = read_bandwidth()
 
     rows = []
-    for b in batches:
-        stats, compile_s, ours = bench_jaxlm(gen, b, args.reps)
-        torch_tps, theirs = bench_torch(model, b, args.reps, args.threads) if model is not None else (None, None)
-        apply_tps = bench_model_apply(config, params, b, 1) if args.model_apply else None
-        bound = b * bandwidth / weight_bytes
-        rows.append((b, stats, compile_s, torch_tps, apply_tps, bound, theirs is None or theirs == ours))
+    for dtype in dtypes:
+        gen = Generator(params, config, dtype=dtype)
+        weight_bytes = f32_bytes * jnp.dtype(dtype).itemsize // 4
+        for b in batches:
+            stats, compile_s, ours = bench_jaxlm(gen, b, args.reps)
+            torch_tps, theirs = (None, None)
+            if model is not None:
+                import torch
+
+                model.to(getattr(torch, dtype))
+                torch_tps, theirs = bench_torch(model, b, args.reps, args.threads)
+            flax = (
+                bench_hf_flax(args.hf_flax_python, b, dtype, args.reps, config) if args.hf_flax_python else (None, None)
+            )
+            apply_tps = bench_model_apply(config, params, b, 1) if args.model_apply and dtype == "float32" else None
+            bound = b * bandwidth / weight_bytes
+            same = "-" if theirs is None or dtype != "float32" else ("yes" if theirs == ours else "NO")
+            rows.append((f"greedy {dtype}", b, stats, compile_s, torch_tps, flax[0], apply_tps, bound, same))
+        del gen
+    if not args.no_beams:
+        gen = Generator(params, config)
+        stats, compile_s, ours = bench_jaxlm(gen, 1, args.reps, num_beams=BEAMS, min_new_tokens=NEW, do_sample=False)
+        torch_tps, theirs = (None, None)
+        if model is not None:
+            import torch
+
+            model.to(torch.float32)
+            torch_tps, theirs = bench_torch(model, 1, args.reps, args.threads, num_beams=BEAMS)
+        # tok/s of beam search: returned tokens (batch x new) per second, as for the peers
+        bound = BEAMS * bandwidth / f32_bytes
+        same = "-" if theirs is None else ("yes" if theirs == ours else "NO")
+        rows.append((f"beam {BEAMS} float32", 1, stats, compile_s, torch_tps, None, None, bound / BEAMS, same))
 
     versions = f"jax {jax.__version__}"
     if model is not None:
@@ -139,19 +188,19 @@ def main():
         versions += f", torch {torch.__version__} ({args.threads} threads), transformers {transformers.__version__}"
     print(f"{datetime.date.today()} | {_cpu_name()}, {os.cpu_count()} cores | load average {os.getloadavg()[0]:.1f}")
     print(versions)
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step {weight_bytes / 1e6:.0f} MB (float32)")
-    print(f"decode-layout weights prepared in {prepare_s:.1f} s\n")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step {f32_bytes / 1e6:.0f} MB (float32)\n")
     print(
-        "| batch | jaxlm tok/s | ms/step | of bandwidth bound | PyTorch tok/s | HF Flax tok/s (issue) | vs best "
-        "| compile s | prefill ms | same tokens | GPT.apply loop tok/s |"
+        "| decode | batch | jaxlm tok/s | ms/step | of bandwidth bound | PyTorch tok/s | HF Flax tok/s | vs best "
+        "| compile s | prefill ms | same tokens as PyTorch | GPT.apply loop tok/s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for b, s, compile_s, torch_tps, apply_tps, bound, same in rows:
-        best_other = max(HF_FLAX.get(b, 0), torch_tps or 0)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for what, b, s, compile_s, torch_tps, flax_tps, apply_tps, bound, same in rows:
+        best_other = max(flax_tps or 0, torch_tps or 0)
+        vs = f"{s.tokens_per_s / best_other:.2f}x" if best_other else "-"
         print(
-            f"| {b} | {s.tokens_per_s:.1f} | {1e3 * s.decode_s / s.steps:.1f} | {s.tokens_per_s / bound:.0%} "
-            f"| {_num(torch_tps)} | {HF_FLAX.get(b, '-')} | {s.tokens_per_s / best_other:.2f}x "
-            f"| {compile_s:.1f} | {1e3 * s.prefill_s:.0f} | {'yes' if same else 'NO'} | {_num(apply_tps)} |"
+            f"| {what} | {b} | {s.tokens_per_s:.1f} | {1e3 * s.decode_s / s.steps:.1f} | {s.tokens_per_s / bound:.0%} "
+            f"| {_num(torch_tps)} | {_num(flax_tps)} | {vs} | {compile_s:.1f} | {1e3 * s.prefill_s:.0f} | {same} "
+            f"| {_num(apply_tps)} |"
         )
 
 

@@ -57,6 +57,31 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--top-k", type=int, default=200, help="draw from the k most likely tokens only (0: all)")
     flag("--top-p", type=float, default=1.0, help="draw from the smallest set with this much probability (1: all)")
     flag("--seed", type=int, default=1337, help="same seed, same samples")
+    flag("--max-length", type=int, default=None, help="prompt + new tokens, as transformers' max_length")
+    flag("--min-new-tokens", type=int, default=0, help="no <|endoftext|> before this many new tokens")
+    flag(
+        "--do-sample",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="auto: sample unless --temperature 0 (beam search with --num-beams > 1); false: greedy / beam search",
+    )
+    flag("--num-beams", type=int, default=1, help="beam search with this many beams (1: none)")
+    flag(
+        "--num-return-sequences",
+        type=int,
+        default=None,
+        help="sequences per prompt: the best beams with --num-beams (then one prompt), else draws per sample",
+    )
+    flag("--length-penalty", type=float, default=1.0, help="beam scores are log-prob / new_tokens ** this")
+    flag(
+        "--early-stopping",
+        default="false",
+        choices=("true", "false", "never"),
+        help="when beam search stops, as transformers' early_stopping",
+    )
+    flag("--repetition-penalty", type=float, default=1.0, help="> 1 penalizes tokens already in the text")
+    flag("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this size twice (0: off)")
+    flag("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and KV cache while decoding")
     flag(
         "--mesh",
         default=None,
@@ -101,19 +126,39 @@ def main(argv=None) -> int:
         raise JaxlmError(f"the prompt ({len(ids)} tokens) {what} the model's block_size ({config.block_size})")
     max_new = args.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, config.block_size - len(ids))
 
-    generator = Generator(params, config, mesh=mesh)
+    generator = Generator(params, config, mesh=mesh, dtype=args.dtype)
     del params  # the generator holds its own decode-layout copy (with a mesh: these same sharded arrays)
-    printer = StreamPrinter(tokenizer, [ids] * args.num_samples)
-    generator(
-        [ids] * args.num_samples,
-        max_new_tokens=max_new,
+    beams = args.num_beams > 1
+    prompts = [ids] if beams else [ids] * args.num_samples
+    options = dict(
+        max_new_tokens=args.max_new_tokens if args.max_new_tokens or args.max_length else max_new,
+        max_length=args.max_length,
+        min_new_tokens=args.min_new_tokens,
+        do_sample={"auto": None, "true": True, "false": False}[args.do_sample],
         temperature=sampling.temperature,
         top_k=sampling.top_k,
         top_p=sampling.top_p,
         seed=sampling.seed,
+        num_beams=args.num_beams,
+        num_return_sequences=args.num_return_sequences or 1,
+        length_penalty=args.length_penalty,
+        early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
         eos_id=tokenizer.eot_id,
-        on_tokens=printer,
     )
+    if beams:  # beams reorder as they go: printed once done, best first
+        rows = generator(prompts, **options)
+        printer = StreamPrinter(tokenizer, [ids] * len(rows))
+        for step in range(max(len(r) for r in rows)):
+            printer(
+                np.array([r[step] if step < len(r) else 0 for r in rows]),
+                step,
+                np.array([len(r) <= step + 1 for r in rows]),
+            )
+    else:
+        printer = StreamPrinter(tokenizer, [r for r in prompts for _ in range(options["num_return_sequences"])])
+        generator(prompts, on_tokens=printer, **options)
     printer.finish()
     s = generator.stats
     print(

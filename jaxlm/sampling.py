@@ -58,20 +58,34 @@ def row_keys(seed: int, batch: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(batch))
 
 
+def candidates(logits_BxV, temperature, top_p, *, top_k: int | None, use_top_p: bool):
+    """HF's TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper (in that order), as the kept
+    candidates: (logits_BxC, ids_BxC), C = top_k (or V), -inf where top-p removed one."""
+    logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+    if top_k is None and not use_top_p:
+        return logits_BxV, jnp.broadcast_to(jnp.arange(logits_BxV.shape[-1]), logits_BxV.shape)
+    # Candidates sorted by logit, highest first (exactly k: ties at the k-th value are cut).
+    vals_BxC, ids_BxC = jax.lax.top_k(logits_BxV, top_k or logits_BxV.shape[-1])
+    if use_top_p:
+        # HF's rule: keep the smallest top set whose probability reaches top_p (the first always).
+        probs_BxC = jax.nn.softmax(vals_BxC, axis=-1)
+        before_BxC = jnp.cumsum(probs_BxC, axis=-1) - probs_BxC
+        vals_BxC = jnp.where(before_BxC < top_p, vals_BxC, -jnp.inf)
+    return vals_BxC, ids_BxC
+
+
+def warped_logits(logits_BxV, temperature, top_p, *, top_k: int | None, use_top_p: bool):
+    """The logits `next_tokens` draws from, over the whole vocabulary (-inf: filtered out)."""
+    vals_BxC, ids_BxC = candidates(logits_BxV, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+    rows_Bx1 = jnp.arange(logits_BxV.shape[0])[:, None]
+    return jnp.full(logits_BxV.shape, -jnp.inf, jnp.float32).at[rows_Bx1, ids_BxC].set(vals_BxC)
+
+
 def next_tokens(logits_BxV, keys_B, step, temperature, top_p, *, greedy: bool, top_k: int | None, use_top_p: bool):
     """Token ids [B] (int32). Without top-k, top-p sorts the whole vocabulary every step."""
     if greedy:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
-    logits_BxV = logits_BxV.astype(jnp.float32) / temperature
-    if top_k is None and not use_top_p:
-        return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
-    # Candidates sorted by logit, highest first (exactly k: ties at the k-th value are cut).
-    vals_BxK, ids_BxK = jax.lax.top_k(logits_BxV, top_k or logits_BxV.shape[-1])
-    if use_top_p:
-        # HF's rule: keep the smallest top set whose probability reaches top_p (the first always).
-        probs_BxK = jax.nn.softmax(vals_BxK, axis=-1)
-        before_BxK = jnp.cumsum(probs_BxK, axis=-1) - probs_BxK
-        vals_BxK = jnp.where(before_BxK < top_p, vals_BxK, -jnp.inf)
-    pick_B = jax.vmap(jax.random.categorical)(keys_B, vals_BxK)
-    return jnp.take_along_axis(ids_BxK, pick_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    vals_BxC, ids_BxC = candidates(logits_BxV, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
+    pick_B = jax.vmap(jax.random.categorical)(keys_B, vals_BxC)
+    return jnp.take_along_axis(ids_BxC, pick_B[:, None], axis=-1)[:, 0].astype(jnp.int32)

@@ -129,6 +129,14 @@ def test_no_flags_without_a_run_names_the_command_to_run(capsys, tmp_path, monke
         (["--num-samples", "0"], "--num-samples must be >= 1"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--start", "FILE:/no/such/prompt.txt"], "no such file"),
+        (["--num-beams", "0"], "num_beams must be an integer >= 1"),
+        (["--num-beams", "2", "--num-return-sequences", "3"], r"num_return_sequences \(3\) cannot exceed num_beams"),
+        (["--temperature", "0", "--num-return-sequences", "2"], "greedy decoding"),
+        (["--repetition-penalty", "-1"], "repetition_penalty must be a number > 0"),
+        (["--no-repeat-ngram-size", "65"], "bigger than the model's block_size"),
+        (["--max-length", "2", "--start", "a b c"], "max_length .2. counts the prompt"),
+        (["--min-new-tokens", "-1"], "min_new_tokens must be an integer >= 0"),
+        (["--length-penalty", "nan", "--num-beams", "2"], "length_penalty must be a finite number"),
     ],
 )
 def test_bad_input_is_one_clear_line(capsys, hf_dir, argv, message):
@@ -136,6 +144,15 @@ def test_bad_input_is_one_clear_line(capsys, hf_dir, argv, message):
     assert rc == 2
     assert re.search(message, err), err
     assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+
+
+def test_beam_search_prints_the_best_beams_best_first(capsys, hf_dir):
+    args = ["--init-from", hf_dir, "--start", "Hello", "--max-length", "9", "--num-beams", "3"]
+    rc, out, err = _sample(capsys, *args, "--num-return-sequences", "2", "--no-repeat-ngram-size", "2")
+    assert rc == 0, err
+    samples = out.split(SEPARATOR + "\n")
+    assert len(samples) == 3 and samples[0] != samples[1] and all(s.startswith("Hello") for s in samples[:2])
+    assert _sample(capsys, *args, "--num-return-sequences", "2", "--no-repeat-ngram-size", "2")[1] == out
 
 
 def test_char_model_rejects_characters_it_cannot_encode(capsys, char_ckpt):

@@ -1,0 +1,76 @@
+"""Streaming tokens out of the compiled loop: its host callback goes to the running call's `on_tokens`,
+and Ctrl-C stops the loop at the next step instead of waiting for its end."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import jax
+import numpy as np
+
+
+class _Stop(Exception):
+    pass
+
+
+class _QuietStop(logging.Filter):
+    """jax logs a callback's exception with its traceback; a Ctrl-C stop is not an error."""
+
+    def filter(self, record):
+        return not (record.exc_info and isinstance(record.exc_info[1], _Stop))
+
+
+logging.getLogger("jax._src.callback").addFilter(_QuietStop())
+
+
+class stream_to:
+    """Routes the compiled loop's host callback to this call's `on_tokens` (the executable is shared,
+    so the sink is global, and calls take turns)."""
+
+    _lock = threading.Lock()
+    current = None
+
+    def __init__(self, sink):
+        self.sink, self.stop = sink, False
+
+    def __enter__(self):
+        self._lock.acquire()
+        stream_to.current = self
+        return self
+
+    def __exit__(self, *exc):
+        stream_to.current = None
+        self._lock.release()
+
+    def run(self, executable, args):
+        """executable(*args), ready. It runs on a worker thread: a loop with host callbacks blocks
+        its caller in C++, where Ctrl-C would wait for the end; here it stops at the next step."""
+        box, finished = {}, threading.Event()
+
+        def work():
+            try:
+                box["out"] = jax.block_until_ready(executable(*args))
+            except BaseException as e:  # handed to the caller
+                box["err"] = e
+            finished.set()
+
+        threading.Thread(target=work, daemon=True).start()
+        try:
+            while not finished.wait(0.1):
+                pass
+        except KeyboardInterrupt:
+            self.stop = True  # the next callback raises, which ends the loop
+            finished.wait()
+            raise
+        if "err" in box:
+            raise box["err"]
+        return box["out"]
+
+
+def emit(tok_B, i, done_B):
+    stream = stream_to.current
+    if stream is not None and stream.stop:
+        raise _Stop("interrupted")
+    if stream is not None and stream.sink is not None:
+        stream.sink(np.asarray(tok_B), int(i), np.asarray(done_B))

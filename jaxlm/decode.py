@@ -17,7 +17,7 @@ import numpy as np
 
 from .attention import attend
 from .config import GPTConfig
-from .model import _layer_norm
+from .model import layer_norm
 
 FUSED_ROWS = 32  # up to this many rows, x @ W.T as a fused multiply-reduce (faster on CPU); beyond, a matmul
 
@@ -73,7 +73,7 @@ def _linear(x_xD, w_OxD, b_O=None, out_dtype=None):
 
 
 def _ln(c: GPTConfig, p, x):
-    return _layer_norm(c, "ln").apply({"params": p}, x)
+    return layer_norm(c, "ln").apply({"params": p}, x)
 
 
 def _mlp(c: GPTConfig, p, x):

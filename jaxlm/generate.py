@@ -225,16 +225,16 @@ def _new_only(hist_S, *, P, n, eos):
 
 
 # Executables by (what, shapes, statics), compiled ahead of time so compile time is measurable.
-_EXECUTABLES: dict = {}
+EXECUTABLES: dict = {}
 
 
 def _compiled(key, jitted, args, stats: GenerateStats):
-    exe = _EXECUTABLES.get(key)
+    exe = EXECUTABLES.get(key)
     if exe is None:
         t0 = time.perf_counter()
         exe = jitted.lower(*args).compile()
         stats.compile_s += time.perf_counter() - t0
-        _EXECUTABLES[key] = exe
+        EXECUTABLES[key] = exe
     return exe
 
 

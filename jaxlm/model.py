@@ -75,7 +75,7 @@ def _lora_update(module, x_BxTxI, y_BxTx_O):
     return y_BxTx_O + lora.scale * jnp.tensordot(u_BxTxR, b_Rx_O, axes=1)
 
 
-def _layer_norm(c: GPTConfig, name: str) -> nn.LayerNorm:
+def layer_norm(c: GPTConfig, name: str) -> nn.LayerNorm:
     """GPT-2's LayerNorm (eps 1e-5, not Flax's 1e-6); Flax computes its statistics in float32."""
     return nn.LayerNorm(
         epsilon=c.layer_norm_epsilon,
@@ -186,10 +186,10 @@ class Block(nn.Module):
     def __call__(self, x_BxTxD, kv, cache_index, mask_BxTxS):
         c = self.config
         a_BxTxD, new_kv = CausalSelfAttention(c, self.train, self.lora, name="attn")(
-            _layer_norm(c, "ln_1")(x_BxTxD), kv, cache_index, mask_BxTxS
+            layer_norm(c, "ln_1")(x_BxTxD), kv, cache_index, mask_BxTxS
         )
         x_BxTxD = x_BxTxD + a_BxTxD
-        x_BxTxD = x_BxTxD + MLP(c, self.train, self.lora, name="mlp")(_layer_norm(c, "ln_2")(x_BxTxD))
+        x_BxTxD = x_BxTxD + MLP(c, self.train, self.lora, name="mlp")(layer_norm(c, "ln_2")(x_BxTxD))
         return _constrain(x_BxTxD, ("batch", "seq", "embed")), new_kv
 
 
@@ -263,7 +263,7 @@ class GPT(nn.Module):
         )(c, train, self.lora, name="h")
         x_BxTxD, new_kv = layers(x_BxTxD, kv, index, mask_BxTxS)
 
-        x_BxTxD = _layer_norm(c, "ln_f")(x_BxTxD)
+        x_BxTxD = layer_norm(c, "ln_f")(x_BxTxD)
         # Tied LM head; the matmul accumulates and returns float32 even under bfloat16 compute.
         logits_BxTxV = jnp.einsum(
             "btd,vd->btv",

@@ -15,7 +15,7 @@ from .errors import JaxlmError
 
 EOT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
-_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 class GPT2Tokenizer:
@@ -30,7 +30,7 @@ class GPT2Tokenizer:
         ranks = load_tiktoken_bpe(str(path))
         self._enc = tiktoken.Encoding(
             name="gpt2",
-            pat_str=_GPT2_PATTERN,
+            pat_str=GPT2_PATTERN,
             mergeable_ranks=ranks,
             special_tokens={EOT: GPT2_EOT_ID},
         )

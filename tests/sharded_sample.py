@@ -16,7 +16,7 @@ import numpy as np
 
 import jaxlm
 from jaxlm import sharding
-from jaxlm.generate import _EXECUTABLES, Generator
+from jaxlm.generate import EXECUTABLES, Generator
 
 # n_head 8 splits over tensor=8; vocab 100 splits over tensor 2 and 4 but stays whole for 8.
 CONFIG = jaxlm.GPTConfig(vocab_size=100, block_size=64, n_layer=2, n_head=8, n_embd=64)
@@ -98,7 +98,7 @@ def main():
 
 def cache_shard(mesh, B, P) -> list[int]:
     """The first device's shard of the prefill's K cache, from the compiled prefill's output sharding."""
-    for key, exe in _EXECUTABLES.items():
+    for key, exe in EXECUTABLES.items():
         if key[0] == "prefill" and getattr(key[1], "mesh", None) == mesh and key[2] == B:
             c = CONFIG
             return list(exe.output_shardings[1]["k"].shard_shape((c.n_layer, B, P, c.n_head, c.head_dim)))

@@ -36,11 +36,11 @@ def hf_tok():
         else:  # no ../shared here: the bundled ranks through `tokenizers`' own BPE (still not tiktoken)
             from transformers.convert_slow_tokenizer import TikTokenConverter
 
-            from jaxlm.tokenizer import _GPT2_PATTERN
+            from jaxlm.tokenizer import GPT2_PATTERN
 
             TOK = TikTokenConverter(
                 vocab_file=str(ASSETS / "gpt2.tiktoken"),
-                pattern=_GPT2_PATTERN,
+                pattern=GPT2_PATTERN,
                 extra_special_tokens={"<|endoftext|>": EOT},
             ).converted()
     return TOK

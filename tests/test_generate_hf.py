@@ -186,9 +186,9 @@ def test_bfloat16_keeps_weights_and_kv_cache_in_bf16():
     assert {x.dtype for x in jax.tree.leaves(gen.dparams)} == {jax.numpy.dtype("bfloat16")}
     out = gen([[1, 2, 3]], max_new_tokens=5, temperature=0, eos_id=None)
     assert len(out[0]) == 5
-    from jaxlm.generate import _EXECUTABLES
+    from jaxlm.generate import EXECUTABLES
 
-    loop = next(e for k, e in _EXECUTABLES.items() if k[0] == "sample_loop" and dict(k[3:])["path"].c == gen.config)
+    loop = next(e for k, e in EXECUTABLES.items() if k[0] == "sample_loop" and dict(k[3:])["path"].c == gen.config)
     assert "bf16[1,2,72,16]" in loop.as_text()  # the per-layer [B, H, S, K] cache
     with pytest.raises(jaxlm.JaxlmError, match="dtype must be one of float32, bfloat16"):
         Generator(params, c, dtype="float16")

@@ -91,7 +91,7 @@ def run(
             idx = order[start : start + batch_size]
             batch = [prompts[i] for i in idx]
             batch += [batch[-1]] * (batch_size - len(batch))  # same batch shape: no recompile for the last one
-            outs = gen(batch, max_new_tokens=n_new, temperature=0.0)
+            outs = gen(batch, max_new_tokens=n_new, temperature=0.0, eos_id=getattr(tokenizer, "eot_id", None))
             for i, out in zip(idx, outs, strict=False):
                 texts[i] = _prediction(tokenizer, out)
             bar.update(len(idx))

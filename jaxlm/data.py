@@ -184,7 +184,9 @@ def _resolve(source: str, tokenizer: str, val_fraction: float, block_size: int):
         try:
             root.mkdir(parents=True, exist_ok=True)
             if pairs:
-                made = sft.prepare(src, out, block_size=block_size, val_fraction=val_fraction, exist_ok=True)
+                made = sft.prepare(
+                    src, out, block_size=block_size, val_fraction=val_fraction, tokenizer=tokenizer, exist_ok=True
+                )
             else:
                 made = prepare(src, out, tokenizer, val_fraction, exist_ok=True)
             return open_dataset(made)
@@ -327,8 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.template or sft.is_pairs_file(args.src):
-        if args.tokenizer != "gpt2":
-            raise JaxlmError("prompt/completion data uses --tokenizer gpt2 (completions end with <|endoftext|>)")
         return sft.main_prepare(args)
     out = prepare(args.src, args.out, args.tokenizer, args.val_fraction, args.text_field)
     meta = json.loads((out / META_FILE).read_text())

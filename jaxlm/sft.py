@@ -34,9 +34,9 @@ import numpy as np
 from . import templates
 from .atomic import publish_dir
 from .errors import JaxlmError
-from .sft_rows import Stats, examples
+from .sft_rows import Stats, alphabet, examples
 from .textfiles import jsonl_rows
-from .tokenizer import GPT2Tokenizer
+from .tokenizer import GPT2_EOT_ID, CharTokenizer, GPT2Tokenizer
 
 FORMAT = "jaxlm-sft"
 META_FILE = "meta.json"
@@ -82,6 +82,11 @@ class SFTData:
     def vocab_size(self) -> int:
         return self.meta["vocab_size"]
 
+    @property
+    def eot_id(self) -> int:
+        """<|endoftext|>: ends every completion and pads batch rows."""
+        return self.meta.get("eot_id", GPT2_EOT_ID)
+
     def split(self, name: str) -> Examples:
         return self.train if name == "train" else self.val
 
@@ -118,9 +123,13 @@ def prepare(
     block_size: int = 1024,
     val_fraction: float = 0.1,
     *,
+    tokenizer: str = "gpt2",
     exist_ok: bool = False,
 ) -> Path:
-    """Tokenise the rows of `src` into the prepared directory `out` (see the module docstring)."""
+    """Tokenise the rows of `src` into the prepared directory `out` (see the module docstring).
+
+    `tokenizer` "char": the alphabet of every prompt and completion character, plus <|endoftext|>.
+    """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if truncate not in TRUNCATE:
         raise JaxlmError(f"--truncate must be one of {', '.join(TRUNCATE)}, got {truncate!r}")
@@ -133,7 +142,10 @@ def prepare(
     if out.exists() and not exist_ok:
         raise JaxlmError(f"{out} already exists; choose a new output directory")
     tpl = templates.parse(template) if template else None
-    tok, stats = GPT2Tokenizer(), Stats()
+    if tokenizer not in ("gpt2", "char"):
+        raise JaxlmError(f"--tokenizer must be gpt2 or char, got {tokenizer!r}")
+    tok = GPT2Tokenizer() if tokenizer == "gpt2" else CharTokenizer(alphabet(src, tpl), eot=True)
+    stats = Stats()
     rows = list(examples(src, tpl, truncate, block_size, stats, tok))  # reads everything before writing anything
     if not rows:
         raise JaxlmError(
@@ -157,6 +169,7 @@ def prepare(
             "version": 1,
             "tokenizer": tok.to_spec(),
             "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
             "counts": {name: len(part) for name, part in splits.items()},
             "tokens": {name: sum(len(ids) for ids, _ in part) for name, part in splits.items()},
             "val_fraction": val_fraction,
@@ -248,7 +261,7 @@ def get_batch(data: SFTData, split: str, seed: int, step: int, shape, block_size
     picks_AxB = members[rng.integers(0, len(members), size=shape[0] * shape[1])].reshape(shape)
     picks_Axb = picks_AxB[:, rows if rows is not None else slice(None)]
     T = int(ladder[k])
-    tokens = np.full((*picks_Axb.shape, T + 1), GPT2Tokenizer.eot_id, np.int32)
+    tokens = np.full((*picks_Axb.shape, T + 1), data.eot_id, np.int32)
     mask = np.zeros((*picks_Axb.shape, T), np.float32)
     for (a, b), i in np.ndenumerate(picks_Axb):
         ids, m = ex.example(i)
@@ -281,7 +294,10 @@ def add_prepare_arguments(parser):
 
 
 def main_prepare(args) -> int:
-    out = prepare(args.src, args.out, args.template, args.truncate, args.block_size, args.val_fraction)
-    print(f"wrote {out} (prompt/completion, tokenizer gpt2)")
-    print(summary(json.loads((out / META_FILE).read_text())))
+    out = prepare(
+        args.src, args.out, args.template, args.truncate, args.block_size, args.val_fraction, tokenizer=args.tokenizer
+    )
+    meta = json.loads((out / META_FILE).read_text())
+    print(f"wrote {out} (prompt/completion, tokenizer {meta['tokenizer']['kind']}, vocab {meta['vocab_size']:,})")
+    print(summary(meta))
     return 0

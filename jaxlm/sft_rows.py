@@ -56,6 +56,15 @@ def row_text(row: dict, where: str, template: templates.Template | None) -> tupl
     return prompt, completion
 
 
+def alphabet(src: Path, template) -> str:
+    """Every character of every row's prompt and completion (a char tokenizer's alphabet; EOT not included)."""
+    chars = set()
+    for lineno, row in jsonl_rows(src):
+        for text in row_text(row, f"{src} line {lineno}", template):
+            chars.update((text or "").replace(EOT, ""))
+    return "".join(sorted(chars))
+
+
 def encode(tok, prompt: str, completion: str | None) -> tuple[list[int], list[int], bool]:
     """(ids, token mask, prompt-is-a-prefix) as TRL's SFTTrainer tokenises; `completion` None: a text row."""
     if completion is None:

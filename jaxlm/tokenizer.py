@@ -54,23 +54,30 @@ class GPT2Tokenizer:
 
 
 class CharTokenizer:
-    """One id per character of a fixed alphabet (sorted unique characters of the training text)."""
+    """One id per character of a fixed alphabet (sorted unique characters of the training text).
+
+    With `eot=True` (prompt/completion data: a completion must be able to end) the id after the alphabet is
+    `<|endoftext|>`, written as that literal in text, as GPT-2's tokenizer does; raw text has no such id.
+    """
 
     name = "char"
-    eot_id = None
 
-    def __init__(self, chars: str):
+    def __init__(self, chars: str, eot: bool = False):
         if not chars:
             raise JaxlmError("a char tokenizer needs a non-empty alphabet (the training text was empty)")
         self.chars = "".join(sorted(set(chars)))
         self._stoi = {ch: i for i, ch in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
+        self.eot_id = len(self.chars) if eot else None
+        self.vocab_size = len(self.chars) + eot
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
         return cls(text)
 
     def encode(self, text: str, allow_eot: bool = True) -> list[int]:
+        if self.eot_id is not None and allow_eot and EOT in text:
+            pieces = [self.encode(piece, allow_eot=False) for piece in text.split(EOT)]
+            return [i for k, piece in enumerate(pieces) for i in ([self.eot_id] if k else []) + piece]
         try:
             return [self._stoi[ch] for ch in text]
         except KeyError:
@@ -81,13 +88,13 @@ class CharTokenizer:
             ) from None
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        return "".join(EOT if int(i) == self.eot_id else self.chars[int(i)] for i in ids)
 
     def decode_bytes(self, ids) -> bytes:
         return self.decode(ids).encode("utf-8")
 
     def to_spec(self) -> dict:
-        return {"kind": "char", "chars": self.chars}
+        return {"kind": "char", "chars": self.chars, **({"eot": True} if self.eot_id is not None else {})}
 
 
 def get_tokenizer(name: str = "gpt2", text: str | None = None):
@@ -107,5 +114,5 @@ def from_spec(spec: dict):
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char":
-        return CharTokenizer(spec["chars"])
+        return CharTokenizer(spec["chars"], eot=spec.get("eot", False))
     raise JaxlmError(f"unknown tokenizer spec {spec!r}; expected kind 'gpt2' or 'char'")

@@ -1,5 +1,19 @@
 """Task scoring: greedy batched generation with `jaxlm.generate`, scored with the field's libraries.
 
+The entry point for `python -m jaxlm.eval --task NAME FILE` (one call per task):
+
+    from jaxlm.eval.tasks import run_task
+    config, params, tok_spec = jaxlm.load_with_tokenizer(run_dir_or_model)
+    result = run_task("qa", params, config, jaxlm.tokenizer.from_spec(tok_spec), "nq_open.jsonl",
+                      max_examples=100, batch_size=8, progress=True)
+    result["metrics"]      # summarize: rouge1/rouge2/rougeL; translate: bleu/chrf; qa: exact_match/f1
+    result["predictions"]  # one {"prediction", <reference field>} a row, in file order: write it as JSONL
+
+NAME is one of TASKS (summarize, translate, qa); FILE is a JSONL of rows with the fields the task's template
+needs (the bundled ../shared/data/{summarization,translation,qa}/ files), read as `jaxlm.sft` reads training
+rows (a bad line is a JaxlmError naming it). The result also holds "task", "examples", "truncated_prompts"
+and "max_new_tokens".
+
 Each task prompts with the built-in template of `jaxlm.templates`, the very prompt `jaxlm.sft` fine-tunes
 on, so a fine-tuned model is scored on what it learnt. Generation is greedy (temperature 0) and stops at
 <|endoftext|>; a prediction ends at its first newline (every reference in the bundled task files is one
@@ -12,11 +26,14 @@ jitted prefill and decode compile once per prompt-length bucket rather than once
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from pathlib import Path
 
 from .. import templates
 from ..errors import JaxlmError
 from ..generate import Generator
+from ..textfiles import jsonl_rows
 from .metrics import bleu_chrf, rouge, squad
 
 
@@ -48,6 +65,41 @@ def translate(params, config, tokenizer, rows, **kwargs) -> dict:
 def qa(params, config, tokenizer, rows, **kwargs) -> dict:
     """SQuAD exact match and F1 of greedy answers against each row's "answers" (closed-book without "context")."""
     return run(TASKS["qa"], params, config, tokenizer, rows, **kwargs)
+
+
+def run_task(
+    name: str,
+    params,
+    config,
+    tokenizer,
+    file,
+    max_examples: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    *,
+    max_new_tokens: int | None = None,
+    mesh=None,
+) -> dict:
+    """Score `params` on task `name` over the rows of the JSONL `file` (the first `max_examples` of them)."""
+    if name not in TASKS:
+        raise JaxlmError(f"unknown task {name!r}; use one of {', '.join(TASKS)}")
+    if max_examples is not None and max_examples < 1:
+        raise JaxlmError(f"--max-examples must be >= 1, got {max_examples}")
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise JaxlmError(f"{path}: no such task file; pass a .jsonl of {name} rows")
+    rows = [row for _, row in itertools.islice(jsonl_rows(path), max_examples)]
+    return run(
+        TASKS[name],
+        params,
+        config,
+        tokenizer,
+        rows,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        mesh=mesh,
+        progress=progress,
+    )
 
 
 def run(
@@ -91,7 +143,7 @@ def run(
             idx = order[start : start + batch_size]
             batch = [prompts[i] for i in idx]
             batch += [batch[-1]] * (batch_size - len(batch))  # same batch shape: no recompile for the last one
-            outs = gen(batch, max_new_tokens=n_new, temperature=0.0)
+            outs = gen(batch, max_new_tokens=n_new, temperature=0.0, eos_id=getattr(tokenizer, "eot_id", None))
             for i, out in zip(idx, outs, strict=False):
                 texts[i] = _prediction(tokenizer, out)
             bar.update(len(idx))

@@ -13,13 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from .. import checkpoint, data, distributed, sharding
+from .. import checkpoint, distributed, sharding
 from ..config import TrainConfig, parse_train_flags
 from ..errors import JaxlmError
+from .batches import batches_for
 from .metrics import RunLog, measure_matmul_flops, peak_flops_per_device
 from .optimizer import lr_schedule, make_optimizer
 from .runtime import (
@@ -33,7 +33,7 @@ from .runtime import (
 )
 from .setup import RunComplete, Setup, describe, resume_config, run_meta, setup
 from .state import abstract, checkpoint_items
-from .step import Batch, batch_sharding, jit_train_step, lm_loss, make_eval_step
+from .step import batch_sharding, jit_train_step, lm_loss, make_eval_step
 
 
 class TrainingDiverged(JaxlmError):
@@ -69,25 +69,22 @@ class Loop:
         cfg, config, mesh = s.cfg, s.config, s.mesh
         self.out = Path(cfg.out_dir).expanduser()
         A, B, T = cfg.gradient_accumulation_steps, cfg.batch_size, config.block_size
-        self.tokens_per_step = A * B * T
-        self.batch_sh = batch_sharding(mesh)
-        self.train_shape, eval_shape = (A, B, T + 1), (cfg.eval_iters, B, T + 1)
-        self.rows = _local_rows(self.batch_sh, self.train_shape)
+        batch_sh = batch_sharding(mesh)
+        rows = _local_rows(batch_sh, (A, B, T + 1))
+        self.batches = batches_for(s.data, cfg.seed, (A, B), T, cfg.eval_iters, batch_sh, rows)
+        lengths = self.batches.lengths
         log(
             f"model: {config.num_params() / 1e6:.2f}M params ({describe(config)}, {config.dtype}); data: "
-            f"{len(s.data.train):,} train tokens; {A}x{B}x{T} tokens/step on {mesh.size} "
+            f"{self.batches.describe()}; {A}x{B}x{'|'.join(map(str, lengths))} tokens/step on {mesh.size} "
             f"{jax.devices()[0].platform} device(s); steps {s.start}..{cfg.max_iters}"
         )
-        val = [data.get_batch(s.data, "val", cfg.seed, i, (1, B), T, self.rows)[0] for i in range(cfg.eval_iters)]
-        self.val = Batch(jax.make_array_from_process_local_data(self.batch_sh, np.stack(val), eval_shape))
-        self.train_step, self.eval_step, self.state = self._compile(loss_fn)
+        self.train_steps, self.eval_step, self.state = self._compile(loss_fn)
         self.peak = cfg.peak_flops or peak_flops_per_device()
         if self.peak is None and jax.devices()[0].platform == "cpu":
             self.peak = measure_matmul_flops(2048, seconds=0.5) / len(jax.devices())  # what bench/ uses
-        self.flops_per_step = config.flops_per_token(T) * self.tokens_per_step
         self.step, self.last_saved, self.val_loss = s.start, None, None
         self.pending: list[tuple[int, dict]] = []  # device metrics not yet read back (reading them syncs)
-        self.window = {"t": time.perf_counter(), "excluded": 0.0, "steps": 0}
+        self.window = {"t": time.perf_counter(), "excluded": 0.0, "steps": 0, "tokens": 0, "flops": 0.0}
         self.meta = {
             "format": checkpoint.RUN_FORMAT,
             "version": 1,
@@ -99,29 +96,29 @@ class Loop:
         }
 
     def _compile(self, loss_fn):
-        """Compile both steps in the background (lowered from shapes alone) while the state is built or restored."""
+        """Compile the train step for each row length the batches can have, and the eval step, in the background
+        (lowered from shapes alone) while the state is built or restored."""
         s, t = self.s, time.perf_counter()
         state_abstract = {k: abstract(s.state_shapes[k], s.state_shardings[k]) for k in s.state_shapes}
-        tx = make_optimizer(s.cfg)
-        train_lowered = jit_train_step(loss_fn, tx, lr_schedule(s.cfg), s.state_shardings, s.mesh).lower(
-            state_abstract, Batch(jax.ShapeDtypeStruct(self.train_shape, jnp.int32, sharding=self.batch_sh))
-        )
+        step = jit_train_step(loss_fn, make_optimizer(s.cfg), lr_schedule(s.cfg), s.state_shardings, s.mesh)
+        lowered = {T: step.lower(state_abstract, self.batches.abstract(T)) for T in self.batches.lengths}
         eval_lowered = jax.jit(make_eval_step(loss_fn)).lower(
-            state_abstract["params"], state_abstract["frozen"], self.val
+            state_abstract["params"], state_abstract["frozen"], self.batches.val
         )
         with ThreadPoolExecutor(2) as pool:
-            compiled = [pool.submit(lowered.compile) for lowered in (train_lowered, eval_lowered)]
+            compiled = {T: pool.submit(low.compile) for T, low in lowered.items()}
+            eval_compiled = pool.submit(eval_lowered.compile)
             state = s.init_state()
-            train_step, eval_step = (c.result() for c in compiled)
-        self.log(f"compiled in {time.perf_counter() - t:.1f} s")
-        return train_step, eval_step, state
+            train_steps, eval_step = {T: c.result() for T, c in compiled.items()}, eval_compiled.result()
+        self.log(f"compiled {len(train_steps)} train step(s) and the eval step in {time.perf_counter() - t:.1f} s")
+        return train_steps, eval_step, state
 
-    def batch(self, step: int) -> Batch:
-        cfg = self.s.cfg
-        local = data.get_batch(
-            self.s.data, "train", cfg.seed, step, self.train_shape[:2], self.train_shape[2] - 1, self.rows
-        )
-        return Batch(jax.make_array_from_process_local_data(self.batch_sh, local, self.train_shape))
+    def train_step(self, state, batch):
+        """One update with the step compiled for this batch's row length; counts the tokens and FLOPs it ran."""
+        A, B, T = batch.tokens.shape[0], batch.tokens.shape[1], batch.tokens.shape[2] - 1
+        self.window["tokens"] += A * B * T
+        self.window["flops"] += self.s.config.flops_per_token(T) * A * B * T
+        return self.train_steps[T](state, batch)
 
     def run(self) -> dict:
         cfg = self.s.cfg
@@ -131,14 +128,14 @@ class Loop:
             if self.step % cfg.eval_interval == 0 and not (self.s.start and cfg.init_from == "resume"):
                 self.evaluate()
             self.window["t"] = time.perf_counter()
-            next_batch = self.batch(self.step) if self.step < cfg.max_iters else None
+            next_batch = self.batches.train(self.step) if self.step < cfg.max_iters else None
             while self.step < cfg.max_iters:
                 self.state, metrics = self.train_step(self.state, next_batch)
                 self.step += 1
                 self.pending.append((self.step, metrics))
                 self.window["steps"] += 1
                 if self.step < cfg.max_iters:
-                    next_batch = self.batch(self.step)  # built on the host while the device runs the step
+                    next_batch = self.batches.train(self.step)  # built on the host while the device runs the step
                 last = self.step == cfg.max_iters or self.stop.signal is not None
                 if self.step % cfg.log_interval == 0 or last:
                     self.log_train()
@@ -181,8 +178,8 @@ class Loop:
         fetched = self.drain()
         now = time.perf_counter()
         seconds = now - self.window["t"] - self.window["excluded"]
-        tok_s = self.window["steps"] * self.tokens_per_step / max(seconds, 1e-9)
-        mfu = tok_s / self.tokens_per_step * self.flops_per_step / (self.peak * self.s.mesh.size) if self.peak else None
+        tok_s = self.window["tokens"] / max(seconds, 1e-9)
+        mfu = self.window["flops"] / max(seconds, 1e-9) / (self.peak * self.s.mesh.size) if self.peak else None
         self.runlog.train_row(
             {
                 "step": self.step,
@@ -195,11 +192,11 @@ class Loop:
                 "elapsed_s": now - self.t_start,
             }
         )
-        self.window.update(t=now, excluded=0.0, steps=0)
+        self.window.update(t=now, excluded=0.0, steps=0, tokens=0, flops=0.0)
 
     def evaluate(self):
         t = time.perf_counter()
-        self.val_loss = float(self.eval_step(self.state["params"], self.state["frozen"], self.val))
+        self.val_loss = float(self.eval_step(self.state["params"], self.state["frozen"], self.batches.val))
         self.runlog.row(step=self.step, val_loss=self.val_loss, elapsed_s=time.perf_counter() - self.t_start)
         self.runlog.write(f"step {self.step}: val loss {self.val_loss:.4f}")
         self.window["excluded"] += time.perf_counter() - t

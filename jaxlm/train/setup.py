@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from .. import checkpoint, data, loader, sharding
+from .. import checkpoint, data, loader, sft, sharding
 from ..config import GPTConfig, TrainConfig
 from ..errors import JaxlmError
 from ..tree import leaf_paths
@@ -38,7 +38,7 @@ class Setup:
 
     cfg: TrainConfig
     config: GPTConfig
-    data: data.TokenData
+    data: data.TokenData | sft.SFTData
     tokenizer: dict
     start: int  # updates done (a resumed run's checkpoint step)
     mesh: jax.sharding.Mesh
@@ -64,16 +64,21 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
                 f"further, resume with a larger --max-iters (e.g. --max-iters {2 * previous[0]})"
             )
 
-    ds = data.resolve_dataset(cfg.dataset, cfg.tokenizer)
-    ds.check_block_size(cfg.block_size)
-    params, tokenizer = None, ds.tokenizer_spec
+    params, tokenizer = None, None  # a pretrained source's own (None: the dataset's)
     if resume:
         config = GPTConfig.from_dict(previous[1]["model"]).replace(**compute_overrides(cfg))
+        ds = open_data(cfg, config.block_size, log)
         _check_same_data(previous[1], ds)
     elif cfg.init_from == "scratch":
+        ds = open_data(cfg, cfg.block_size, log)
         config = cfg.model_config(ds.vocab_size)
     else:
-        config, params, tokenizer = _load_pretrained(cfg, explicit, ds, log)
+        log(f"initialising from {cfg.init_from}")
+        config, params, tokenizer = loader.load_with_tokenizer(cfg.init_from, **compute_overrides(cfg))
+        config, params = _crop_pretrained(cfg, explicit, config, params)
+        ds = open_data(cfg, config.block_size, log)
+        _check_tokenizer(cfg, tokenizer, ds)
+    tokenizer = tokenizer or ds.tokenizer_spec
     if ds.vocab_size > config.vocab_size:
         raise JaxlmError(f"dataset vocab {ds.vocab_size} exceeds the model's vocab_size {config.vocab_size}")
 
@@ -98,6 +103,15 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
     start = previous[0] if resume else 0
     frozen_paths = tuple(leaf_paths(shapes["frozen"]))
     return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, frozen_paths)
+
+
+def open_data(cfg: TrainConfig, block_size: int, log) -> data.TokenData | sft.SFTData:
+    """The run's dataset, checked against the model's context; pairs files are prepared for that context."""
+    ds = data.resolve_dataset(cfg.dataset, cfg.tokenizer, block_size=block_size, allow_sft=True)
+    ds.check_block_size(block_size)
+    if isinstance(ds, sft.SFTData):
+        log(sft.summary(ds.meta))
+    return ds
 
 
 def _check_writable(out: Path):
@@ -156,9 +170,8 @@ def _replace_run(out: Path, previous: tuple[int, dict], config: GPTConfig, overw
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
-def _load_pretrained(cfg: TrainConfig, explicit: frozenset, ds: data.TokenData, log):
-    log(f"initialising from {cfg.init_from}")
-    config, params, tokenizer = loader.load_with_tokenizer(cfg.init_from, **compute_overrides(cfg))
+def _crop_pretrained(cfg: TrainConfig, explicit: frozenset, config: GPTConfig, params):
+    """A pretrained model as the flags may change it: a shorter context (positions cropped), nothing else."""
     for name in ("n_layer", "n_head", "n_embd", "vocab_size"):
         if name in explicit and getattr(cfg, name) not in (None, getattr(config, name)):
             raise JaxlmError(
@@ -171,13 +184,15 @@ def _load_pretrained(cfg: TrainConfig, explicit: frozenset, ds: data.TokenData, 
             )
         params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][: cfg.block_size]}}  # crop positions
         config = config.replace(block_size=cfg.block_size)
-    ds.check_block_size(config.block_size)
+    return config, params
+
+
+def _check_tokenizer(cfg: TrainConfig, tokenizer: dict | None, ds):
     if tokenizer is not None and tokenizer != ds.tokenizer_spec:
         raise JaxlmError(
             f"{cfg.init_from} was trained with the {tokenizer.get('kind')} tokenizer but the dataset uses "
             f"{ds.tokenizer_spec.get('kind')}; prepare the data with that tokenizer (e.g. --dataset shakespeare)"
         )
-    return config, params, tokenizer or ds.tokenizer_spec
 
 
 def arch(c: GPTConfig) -> dict:

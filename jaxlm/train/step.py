@@ -111,13 +111,18 @@ def make_train_step(
 
 
 def make_eval_step(loss_fn: LossFn | GPTConfig, combine=combine):
-    """(params, frozen, batches) -> mean loss over E batches ([E, B, T+1] tokens; dropout off)."""
+    """(params, frozen, batches) -> mean loss over E batches ([E, B, T+1] tokens; dropout off). With a mask,
+    the mean over all the tokens counted in the E batches (each batch weighted by its count, as in training)."""
     if isinstance(loss_fn, GPTConfig):
         loss_fn = lm_loss(loss_fn)
 
     def step(params, frozen, batches):
         full = combine(params, frozen)
-        return jax.lax.map(lambda b: loss_fn(full, b, None)[0], as_batch(batches)).mean()
+        batches = as_batch(batches)
+        loss_E, aux = jax.lax.map(lambda b: loss_fn(full, b, None), batches)
+        if batches.mask is None:
+            return loss_E.mean()
+        return (loss_E * aux["tokens"]).sum() / jnp.maximum(aux["tokens"].sum(), 1.0)
 
     return step
 

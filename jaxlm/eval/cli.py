@@ -25,17 +25,27 @@ from .registry import TASKS, Options, parse_tasks, runnable
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxlm.eval",
-        description="Score a model on WikiText-2, LAMBADA and HellaSwag as the field's harnesses do. Tasks: "
+        description="Score a model on WikiText-2, LAMBADA and HellaSwag as the field's harnesses do, or on a task file "
+        "(summarize, translate, qa) by greedy generation. Tasks: "
         + "; ".join(f"{t.name}: {t.summary}" for t in TASKS.values()),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", help="what jaxlm.load accepts: an HF hub id or directory, a jaxlm checkpoint, a run dir")
     p.add_argument(
+        "file", nargs="?", default=None, help="the data file of the one --task given (same as --task NAME=FILE)"
+    )
+    p.add_argument(
         "--task",
         default="all",
-        help=f"comma-separated, from {', '.join(TASKS)} or all; NAME=FILE scores NAME on your own copy of its data",
+        help=f"comma-separated, from {', '.join(TASKS)} or all; NAME=FILE scores NAME on your own copy of its data "
+        "(summarize, translate and qa need one: a JSONL of rows with the template's fields)",
     )
-    p.add_argument("--output", default=None, help="write all metrics as JSON here (None: print the table only)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="write all metrics as JSON here, and each generation task's predictions beside it as "
+        "OUTPUT_STEM.TASK.jsonl (None: print the table only)",
+    )
     p.add_argument("--max-examples", type=int, default=None, help="score the first N examples of each task (None: all)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (logits and softmax stay float32)")
@@ -51,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
+    if args.file is not None:
+        if "," in args.task or "=" in args.task or args.task == "all":
+            raise JaxlmError(f"a data file ({args.file}) goes with one task: --task NAME FILE (or --task NAME=FILE)")
+        args.task = f"{args.task}={args.file}"
     if args.max_examples is not None and args.max_examples < 1:
         raise JaxlmError(f"--max-examples must be >= 1 (or left out for all), got {args.max_examples}")
     if args.batch_size < 1:
@@ -75,24 +89,31 @@ def main(argv=None) -> int:
         )
 
     options = Options(args.batch_size, args.max_examples, args.stride, args.data_dir, progress=not args.no_progress)
-    results = {}
+    results, predictions = {}, {}
     for task, file in kept:
         t0 = time.perf_counter()
         metrics = task.run(params, config, tokenizer, file, options)
         metrics["seconds"] = round(time.perf_counter() - t0, 2)
+        if "predictions" in metrics:
+            predictions[task.name] = metrics.pop("predictions")
         results[task.name] = metrics
     print(format_table(results))
     if args.output:
+        out = Path(args.output)
         report = {"source": str(args.source), "dtype": args.dtype, "config": config.to_dict(), "tasks": results}
-        write_json(Path(args.output), report)
-        print(f"wrote {args.output}")
+        write_json(out, report)
+        print(f"wrote {out}")
+        for name, rows in predictions.items():
+            path = out.with_name(f"{out.stem}.{name}.jsonl")
+            write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            print(f"wrote {path} ({len(rows)} predictions)")
     return 0
 
 
 def format_table(results: dict) -> str:
     rows = [("task", "metric", "value")]
     for name, metrics in results.items():
-        shown = [m for m in TASKS[name].headline if m in metrics] + ["compiles", "seconds"]
+        shown = [m for m in (*TASKS[name].headline, "compiles", "seconds") if m in metrics]
         rows += [(name, m, _fmt(metrics[m])) for m in shown]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows)
@@ -103,13 +124,16 @@ def _fmt(v) -> str:
 
 
 def write_json(path: Path, report: dict):
+    write_text(path, json.dumps(report, indent=1) + "\n")
+
+
+def write_text(path: Path, text: str):
     """Written to a temporary file beside `path`, then renamed: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

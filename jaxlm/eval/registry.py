@@ -17,6 +17,7 @@ from .files import HELLASWAG, LAMBADA, WIKITEXT2
 from .hellaswag import hellaswag
 from .lambada import lambada
 from .perplexity import wikitext2
+from .tasks import run_task
 
 
 @dataclass(frozen=True)
@@ -114,3 +115,23 @@ register(
         headline=("acc", "acc_norm", "acc_norm_tokens"),
     )
 )
+
+
+def _generation(name: str):
+    """A generation task (greedy decode, scored against references): its metrics, plus the predictions the
+    command line writes as JSONL beside --output."""
+
+    def run(p, c, tok, file, o: Options) -> dict:
+        r = run_task(name, p, c, tok, file, max_examples=o.max_examples, batch_size=o.batch_size, progress=o.progress)
+        return {**r["metrics"], "examples": r["examples"], "truncated_prompts": r["truncated_prompts"],
+                "predictions": r["predictions"]}  # fmt: skip
+
+    return run
+
+
+for _name, _summary, _headline in (
+    ("summarize", "TL;DR: summaries scored with ROUGE-1/2/L (rouge-score, stemmed)", ("rouge1", "rouge2", "rougeL")),
+    ("translate", "translations, scored with corpus BLEU and chrF (sacrebleu defaults)", ("bleu", "chrf")),
+    ("qa", "answers after Q:/A: prompts, scored with SQuAD's exact match and F1", ("exact_match", "f1")),
+):  # fmt: skip
+    register(Task(_name, _generation(_name), _summary, bpe_only=False, needs_file=True, headline=_headline))

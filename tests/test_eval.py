@@ -171,10 +171,9 @@ def test_stride_windows_score_each_token_once():
 # ---- parity with torch -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("model", ["L2H2D32T64"], indirect=True)  # one shape: the slowest oracle
 def test_wikitext2_matches_torch(model):
     torch_model, config, params, tok, _ = model
-    if config.block_size != 64:
-        pytest.skip("one shape is enough for the slowest oracle (rolling windows over a whole article)")
     raw = (ASSETS / "wiki.test.raw").read_text()
     got = wikitext2(params, config, tok, stride=24, max_examples=3, batch_size=4)
     text = hf_rows_text(raw)
@@ -264,10 +263,9 @@ def cli(capsys, *argv):
     return rc, out, err
 
 
+@pytest.mark.parametrize("model", ["L2H2D32T64"], indirect=True)  # the command line is the same for every shape
 def test_cli_runs_all_tasks_and_writes_json(model, tmp_path, capsys):
     *_, config, _, _, path = model
-    if config.block_size != 64:
-        pytest.skip("the command line is the same for every shape")
     rc, out, err = cli(capsys, path, "--max-examples", 2, "--output", tmp_path / "r.json", "--no-progress")
     assert rc == 0, err
     report = json.loads((tmp_path / "r.json").read_text())

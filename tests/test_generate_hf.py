@@ -69,10 +69,9 @@ def test_beam_search_matches_transformers(shape):
     assert gen.stats.compile_s == 0.0 and gen.stats.prompt_bucket == 8
 
 
+@pytest.mark.parametrize("shape", ["a"], indirect=True)
 def test_early_stopping_false_default_beams(shape):
     name, model, gen, eos, prompts = shape
-    if name != "a":
-        pytest.skip("one shape is enough for the default heuristic")
     theirs, scores = _hf(model, prompts, eos, do_sample=False, max_new_tokens=20, num_beams=4)
     ours = gen(prompts, do_sample=False, max_new_tokens=20, eos_id=eos, num_beams=4)
     assert ours == theirs and np.abs(np.array(gen.scores) - scores.numpy()).max() <= 1e-4
@@ -81,11 +80,10 @@ def test_early_stopping_false_default_beams(shape):
 PENALTIES = dict(repetition_penalty=1.8, no_repeat_ngram_size=2, min_new_tokens=6)
 
 
+@pytest.mark.parametrize("shape", ["a"], indirect=True)
 @pytest.mark.parametrize("beams", [1, 3])
 def test_penalties_change_output_exactly_as_transformers(shape, beams):
     name, model, gen, eos, prompts = shape
-    if name != "a":
-        pytest.skip("the processors are shape-independent; one shape keeps the compiles few")
     plain, _ = _hf(model, prompts, eos, do_sample=False, max_new_tokens=20, num_beams=beams)
     theirs, scores = _hf(model, prompts, eos, do_sample=False, max_new_tokens=20, num_beams=beams, **PENALTIES)
     ours = gen(prompts, do_sample=False, max_new_tokens=20, eos_id=eos, num_beams=beams, **PENALTIES)
@@ -99,19 +97,17 @@ def test_penalties_change_output_exactly_as_transformers(shape, beams):
         assert len(bigrams) == len(set(bigrams))
 
 
+@pytest.mark.parametrize("shape", ["b"], indirect=True)
 def test_max_length_counts_the_longest_prompt(shape):
     name, model, gen, eos, prompts = shape
-    if name != "b":
-        pytest.skip("one shape")
     theirs, _ = _hf(model, prompts, eos, do_sample=False, max_length=12)
     ours = gen(prompts, temperature=0, max_length=12, eos_id=eos)
     assert ours == theirs and max(len(r) for r in ours) == 12 - max(len(p) for p in prompts)
 
 
+@pytest.mark.parametrize("shape", ["b"], indirect=True)
 def test_sampled_num_return_sequences_draw_apart(shape):
     name, _, gen, eos, prompts = shape
-    if name != "b":
-        pytest.skip("one shape")
     out = gen(prompts[:2], num_return_sequences=3, max_new_tokens=10, top_k=20, seed=3, eos_id=None)
     assert len(out) == 6 and len({tuple(r) for r in out[:3]}) > 1  # prompt-major, each its own draws
 

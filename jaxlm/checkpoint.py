@@ -221,6 +221,17 @@ RUN_ITEMS = ("params", "opt_state", "progress", "frozen", "meta")  # progress: s
 RUN_FORMAT = "jaxlm-run"
 
 
+class _QuietFailedSaves(logging.Filter):
+    """Drop the tracebacks Orbax logs for a failed background save: the same error is re-raised to the caller
+    at the next save or wait, which reports it (as one line when the disk is full)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and "orbax" in record.pathname)
+
+
+_quiet_failed_saves = _QuietFailedSaves()
+
+
 def run_manager(directory, max_to_keep: int | None = None, *, read_only: bool = False) -> ocp.CheckpointManager:
     """A CheckpointManager over `directory` that saves asynchronously and keeps the last `max_to_keep` steps."""
     options = ocp.CheckpointManagerOptions(
@@ -232,6 +243,7 @@ def run_manager(directory, max_to_keep: int | None = None, *, read_only: bool = 
         enable_async_checkpointing=True,
     )
     absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_quiet_failed_saves)  # once: adding the same filter again is a no-op
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # Orbax warns that a read-only manager is read-only
     try:
@@ -253,6 +265,25 @@ def save_run_step(manager: ocp.CheckpointManager, step: int, trees: dict, meta: 
     write ends."""
     items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
     manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
+
+
+# Out of space: Orbax's async write fails in a background thread and re-raises at the next save or wait, as a
+# ValueError carrying tensorstore's text ("... [os_error_code='28']"); a metrics write fails as an OSError.
+def out_of_space(run_dir, reason: str) -> CheckpointError:
+    """The error a run ends with when its disk is full: partial saves removed, the last complete step named."""
+    ckpt = Path(run_dir) / "checkpoints"
+    failed = sorted(p.name.split(".")[0] for p in ckpt.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*")) if ckpt.is_dir() else []
+    if jax.process_index() == 0:
+        for p in ckpt.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*") if ckpt.is_dir() else ():
+            shutil.rmtree(p, ignore_errors=True)  # frees what it took; resume would ignore it anyway
+    found = latest_run_meta(run_dir) if ckpt.is_dir() else None
+    what = f"checkpoint step {', '.join(failed)}" if failed else "run files"
+    last = f"the last complete checkpoint is step {found[0]}" if found else "no checkpoint is complete yet"
+    why = reason if "no space left" in reason else f"no space left ({reason})"
+    return CheckpointError(
+        f"cannot write the {what} in {run_dir}: {why}; free space, then continue with "
+        f"--init-from resume; {last}"
+    )
 
 
 def latest_run_meta(run_dir, step: int | None = None) -> tuple[int, dict] | None:

@@ -7,12 +7,14 @@ setup      setup(cfg) -> Setup: run dir, resume, pretrained init; resume_config
 loop       train(cfg), main(argv) (python train.py), the Loop
 metrics    RunLog, read_metrics, plot_losses, MFU peaks
 runtime    allocator, CPU cores as devices, compile cache, stop signals
+runlock    RunLock: one writer per run directory
 """
 
 from ..checkpoint import load_run
 from .loop import Loop, TrainingDiverged, main, train
 from .metrics import PEAK_FLOPS, RunLog, measure_matmul_flops, peak_flops_per_device, plot_losses, read_metrics
 from .optimizer import decay_mask, lr_schedule, make_optimizer
+from .runlock import RunLock, RunLocked
 from .runtime import apply_layout, host_layout, is_small, keep_freed_memory, use_cpu_cores
 from .setup import RunComplete, Setup, resume_config, run_meta, setup
 from .state import abstract, layout, model_layout, new_state, restore_state
@@ -23,6 +25,8 @@ __all__ = [
     "Batch",
     "Loop",
     "RunComplete",
+    "RunLock",
+    "RunLocked",
     "RunLog",
     "Setup",
     "TrainingDiverged",

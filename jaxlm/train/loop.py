@@ -18,10 +18,11 @@ from jax.sharding import NamedSharding
 
 from .. import checkpoint, distributed, sharding
 from ..config import TrainConfig, parse_train_flags
-from ..errors import JaxlmError
+from ..errors import JaxlmError, disk_full
 from .batches import batches_for
 from .metrics import RunLog, measure_matmul_flops, peak_flops_per_device
 from .optimizer import lr_schedule, make_optimizer
+from .runlock import RunLock
 from .runtime import (
     StopFlag,
     apply_layout,
@@ -52,7 +53,7 @@ def train(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, *, los
     persistent_compile_cache()
     log = log if jax.process_index() == 0 else (lambda *a, **k: None)
     stop = StopFlag()
-    with stop.installed():
+    with stop.installed(), RunLock(cfg.out_dir):  # one writer per run directory, taken before anything is touched
         try:
             s = setup(cfg, explicit, log, trainable)
         except RunComplete as done:
@@ -125,36 +126,49 @@ class Loop:
         self.manager = checkpoint.open_run(self.out, cfg.keep_checkpoints)
         self.runlog = RunLog(self.out, cfg.tensorboard, self.s.start, cfg.max_iters)
         try:
-            if self.step % cfg.eval_interval == 0 and not (self.s.start and cfg.init_from == "resume"):
-                self.evaluate()
-            self.window["t"] = time.perf_counter()
-            next_batch = self.batches.train(self.step) if self.step < cfg.max_iters else None
-            while self.step < cfg.max_iters:
-                self.state, metrics = self.train_step(self.state, next_batch)
-                self.step += 1
-                self.pending.append((self.step, metrics))
-                self.window["steps"] += 1
-                if self.step < cfg.max_iters:
-                    next_batch = self.batches.train(self.step)  # built on the host while the device runs the step
-                last = self.step == cfg.max_iters or self.stop.signal is not None
-                if self.step % cfg.log_interval == 0 or last:
-                    self.log_train()
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
-                    self.evaluate()
-                if self.step % cfg.save_interval == 0 or last:
-                    self.save()
-                self.runlog.advance()
-                if self.stop.signal is not None:
-                    break
-            if self.last_saved != self.step:
-                self.save()
+            self.steps()
             self.manager.wait_until_finished()
-        finally:
-            with contextlib.suppress(Exception):
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # let a save in flight end; then nothing else may mask `e`
                 self.manager.wait_until_finished()
-            self.manager.close()
-            self.runlog.close()
+            with contextlib.suppress(Exception):
+                self.close()
+            reason = disk_full(e)
+            if reason is None:
+                raise
+            raise checkpoint.out_of_space(self.out, reason) from None
+        self.close()
         return self.summary()
+
+    def steps(self):
+        cfg = self.s.cfg
+        if self.step % cfg.eval_interval == 0 and not (self.s.start and cfg.init_from == "resume"):
+            self.evaluate()
+        self.window["t"] = time.perf_counter()
+        next_batch = self.batches.train(self.step) if self.step < cfg.max_iters else None
+        while self.step < cfg.max_iters:
+            self.state, metrics = self.train_step(self.state, next_batch)
+            self.step += 1
+            self.pending.append((self.step, metrics))
+            self.window["steps"] += 1
+            if self.step < cfg.max_iters:
+                next_batch = self.batches.train(self.step)  # built on the host while the device runs the step
+            last = self.step == cfg.max_iters or self.stop.signal is not None
+            if self.step % cfg.log_interval == 0 or last:
+                self.log_train()
+            if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
+                self.evaluate()
+            if self.step % cfg.save_interval == 0 or last:
+                self.save()
+            self.runlog.advance()
+            if self.stop.signal is not None:
+                break
+        if self.last_saved != self.step:
+            self.save()
+
+    def close(self):
+        self.manager.close()
+        self.runlog.close()
 
     def drain(self) -> list[tuple[int, dict]]:
         """Read back pending metrics (a host sync); stop on NaN/inf before anything is saved."""

@@ -124,19 +124,31 @@ def _summary_writer():
 
 
 def truncate_metrics(path: Path, start: int):
-    """Drop rows a resumed run is about to write again (those after its checkpoint)."""
+    """Drop rows a resumed run is about to write again (those after its checkpoint), and a row torn by a kill."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-    if not start:
-        keep = []
+    keep = [line for line, row in _lines(path) if row is not None and start and row["step"] <= start]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
 
 
 def read_metrics(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl; a line torn by a kill (the run's last, until it resumes) is skipped."""
+    return [row for _, row in _lines(Path(path)) if row is not None]
+
+
+def _lines(path: Path) -> list[tuple[str, dict | None]]:
+    """(line, row or None when the line is not a whole row) for each non-blank line."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            out.append((line, row if isinstance(row, dict) and isinstance(row.get("step"), int) else None))
+    return out
 
 
 def plot_losses(metrics_path: Path, png: Path):

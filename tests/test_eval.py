@@ -277,7 +277,10 @@ def test_cli_runs_all_tasks_and_writes_json(model, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--task", "lambda"], "unknown task 'lambda'; choose from wikitext2, lambada, hellaswag, all"),
+        (
+            ["--task", "lambda"],
+            "unknown task 'lambda'; choose from wikitext2, lambada, hellaswag, summarize, translate, qa, all",
+        ),
         (["--max-examples", "0"], "--max-examples must be >= 1"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--task", "lambada=NOFILE"], "dataset file NOFILE not found"),

@@ -166,7 +166,7 @@ def kill_at(proc, out, phase: str, rng, on_frozen=None, timeout: float = 300) ->
     if proc.poll() is not None:  # it ended just before the stop
         return None
     writing = sorted(int(name.split(".")[0]) for name, _ in _partial_dirs(out) - stale)
-    compiled = "compiled in" in proc.stdout_path.read_text()
+    compiled = re.search(r"^compiled .* in [\d.]+ s$", proc.stdout_path.read_text(), re.M) is not None
     observed = "save" if writing else "step" if compiled else "compile"
     last = max([s for s, _ in logged(out)] + [0])
     # Rows up to `start` may be a killed run's, not yet dropped by this one: only newer rows are its progress.

@@ -32,7 +32,7 @@ from .runtime import (
     persistent_compile_cache,
     record_layout,
 )
-from .setup import RunComplete, Setup, describe, resume_config, run_meta, setup
+from .setup import RunComplete, Setup, check_incomplete, describe, resume_config, run_meta, setup
 from .state import abstract, checkpoint_items
 from .step import batch_sharding, jit_train_step, lm_loss, make_eval_step
 
@@ -53,15 +53,17 @@ def train(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, *, los
     persistent_compile_cache()
     log = log if jax.process_index() == 0 else (lambda *a, **k: None)
     stop = StopFlag()
-    with stop.installed(), RunLock(cfg.out_dir):  # one writer per run directory, taken before anything is touched
+    with stop.installed():
         try:
-            s = setup(cfg, explicit, log, trainable)
+            check_incomplete(cfg, explicit)  # a finished run is left untouched (its lock file too)
+            with RunLock(cfg.out_dir):  # one writer per run directory, taken before anything is written
+                s = setup(cfg, explicit, log, trainable)
+                record_layout(s.cfg.out_dir, is_small(s.cfg))
+                with sharding.activate(s.mesh):  # steps are traced under the mesh and its logical-axis rules
+                    return Loop(s, stop, log, t_start, loss_fn or lm_loss(s.config)).run()
         except RunComplete as done:
             log(str(done))
             return {"step": None, "val_loss": None, "seconds": 0.0, "out_dir": cfg.out_dir, "stopped_by": None}
-        record_layout(s.cfg.out_dir, is_small(s.cfg))
-        with sharding.activate(s.mesh):  # steps are traced under the mesh and its logical-axis rules
-            return Loop(s, stop, log, t_start, loss_fn or lm_loss(s.config)).run()
 
 
 class Loop:

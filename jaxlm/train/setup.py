@@ -58,11 +58,7 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
         if previous is None:
             raise JaxlmError(f"--init-from resume: {out} holds no checkpoint to resume; use --init-from scratch")
         cfg = resume_config(cfg.to_dict(), explicit, previous[1])
-        if previous[0] >= cfg.max_iters:
-            raise RunComplete(
-                f"the run in {out} is complete: step {previous[0]} of --max-iters {cfg.max_iters}; to train "
-                f"further, resume with a larger --max-iters (e.g. --max-iters {2 * previous[0]})"
-            )
+        _check_incomplete(out, previous[0], cfg)
 
     params, tokenizer = None, None  # a pretrained source's own (None: the dataset's)
     if resume:
@@ -112,6 +108,22 @@ def open_data(cfg: TrainConfig, block_size: int, log) -> data.TokenData | sft.SF
     if isinstance(ds, sft.SFTData):
         log(sft.summary(ds.meta))
     return ds
+
+
+def check_incomplete(cfg: TrainConfig, explicit: frozenset = frozenset()):
+    """Raise RunComplete when `cfg` resumes a run that already reached its --max-iters (reads, writes nothing)."""
+    out = Path(cfg.out_dir).expanduser()
+    previous = checkpoint.latest_run_meta(out) if cfg.init_from == "resume" else None
+    if previous is not None:
+        _check_incomplete(out, previous[0], resume_config(cfg.to_dict(), explicit, previous[1]))
+
+
+def _check_incomplete(out: Path, step: int, cfg: TrainConfig):
+    if step >= cfg.max_iters:
+        raise RunComplete(
+            f"the run in {out} is complete: step {step} of --max-iters {cfg.max_iters}; to train "
+            f"further, resume with a larger --max-iters (e.g. --max-iters {2 * step})"
+        )
 
 
 def _check_writable(out: Path):

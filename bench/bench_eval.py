@@ -2,7 +2,7 @@
 transformers PyTorch running the Hugging Face guide's loop on the same tokens in the same process;
 then LAMBADA with jaxlm. Tokens/s counts scored tokens.
 
-    flock /tmp/bench.lock python bench/bench_eval.py                  # full WikiText-2 and LAMBADA
+    python bench/bench_eval.py               # full WikiText-2 and LAMBADA
     python bench/bench_eval.py --windows 8 --lambada 64               # a quick look
 """
 

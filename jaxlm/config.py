@@ -169,6 +169,13 @@ class TrainConfig:
     checkpoint_interval: int | None = _opt(None, "save every N steps (none: eval_interval); always at the end")
     keep_checkpoints: int = _opt(3, "checkpoints to keep")
     tensorboard: bool = _opt(True, "write TensorBoard event files")
+    # LoRA (needs a pretrained --init-from; only the adapters train, the base stays frozen)
+    lora_rank: int = _opt(0, "LoRA rank r (0: off, full fine-tuning)")
+    lora_alpha: float = _opt(16.0, "LoRA alpha: the update is scaled by alpha / r")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA adapters' input (PEFT's lora_dropout)")
+    lora_targets: str = _opt("c_attn", "PEFT module names to adapt: c_attn,attn.c_proj,c_fc,mlp.c_proj (c_proj: both)")
+    lora_rslora: bool = _opt(False, "rsLoRA: scale by alpha / sqrt(r)")
+    adapter: str | None = _opt(None, "a PEFT LoRA adapter dir to continue training (sets rank, alpha and targets)")
     # hardware
     mesh: str | None = _opt(None, "device mesh, e.g. data=2,fsdp=4 (none: all devices on data)")
     peak_flops: float | None = _opt(None, "peak FLOP/s per device for MFU (none: known per device kind)")
@@ -208,7 +215,27 @@ class TrainConfig:
             )
         if not self.out_dir or not self.init_from:
             raise JaxlmError("--out-dir and --init-from must not be empty")
+        self._check_lora()
         self.model_config(self.vocab_size or 1)  # n_embd % n_head, dropout range, dtype: fail before any work
+
+    def _check_lora(self):
+        lora_on = self.lora_rank > 0 or self.adapter is not None
+        if self.lora_rank < 0:
+            raise JaxlmError(f"--lora-rank must be positive (or 0 for no LoRA), got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            raise JaxlmError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise JaxlmError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.adapter is not None and self.lora_rank > 0:
+            raise JaxlmError("--adapter sets the LoRA rank, alpha and targets; drop --lora-rank")
+        if lora_on and self.init_from == "scratch":
+            what = "--adapter" if self.adapter is not None else "--lora-rank"
+            raise JaxlmError(f"{what} adapts a pretrained model; pass --init-from gpt2 (or an HF dir, checkpoint, run)")
+
+    @property
+    def lora(self) -> bool:
+        """Whether this run trains LoRA adapters (fresh ones, or those of --adapter)."""
+        return self.lora_rank > 0 or self.adapter is not None
 
     @property
     def final_lr(self) -> float:

@@ -9,7 +9,7 @@ change) is recorded by source and fingerprint, reloaded on resume or load, and r
 
 from __future__ import annotations
 
-from pathlib import Path
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,6 @@ from ..errors import JaxlmError
 from ..lora_loss import combine, lora_loss
 from ..model import param_shapes
 from .state import layout as state_layout
-from .state import restore_state
 
 FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_rslora", "adapter")
 _SET_BY_ADAPTER = ("lora_alpha", "lora_targets", "lora_rslora")
@@ -90,8 +89,15 @@ def layout(config: GPTConfig, lc: lora_lib.LoraConfig, tx, mesh):
     )
 
 
-def _place(tree, shardings, dtype):
-    return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, dtype), s), tree, shardings)
+def own(tree, shardings, dtype):
+    """`tree` on `shardings` in buffers XLA owns, so the step can donate them through (its output aliases
+    its input; nothing is copied per step). On CPU a loaded array may be a zero-copy view of host memory,
+    which cannot be donated: the jitted copy below makes it XLA's once. It donates its input, so on an
+    accelerator (or when the input is already XLA's) it is a move, not a second copy."""
+    placed = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, dtype), s), tree, shardings)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings, donate_argnums=0)(placed)
 
 
 def new_state(config: GPTConfig, lc, tx, shardings: dict, seed: int, base, adapters=None) -> dict:
@@ -100,21 +106,14 @@ def new_state(config: GPTConfig, lc, tx, shardings: dict, seed: int, base, adapt
     if adapters is None:
         adapters = jax.jit(lambda k: lora_lib.init(k, config, lc), out_shardings=shardings["params"])(init_key)
     else:
-        adapters = _place(adapters, shardings["params"], config.param_dtype)
+        adapters = own(adapters, shardings["params"], config.param_dtype)
     return {
         "params": adapters,
-        "frozen": _place(base, shardings["frozen"], config.param_dtype),
+        "frozen": own(base, shardings["frozen"], config.param_dtype),
         "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(adapters),
         "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
         "rng": jax.device_put(jax.random.key_data(rng), shardings["rng"]),
     }
-
-
-def resumed_state(run_dir: Path, step: int, shapes: dict, shardings: dict, config: GPTConfig, base: dict) -> dict:
-    """The LoRA train state at `step`: adapters and optimizer state from the checkpoint, the base reloaded
-    from its recorded source onto its shardings (an error if its weights changed)."""
-    frozen = loader.load_lora_base(base, config, shardings["frozen"], run=run_dir)
-    return restore_state(run_dir, step, shapes, shardings, frozen=frozen)
 
 
 def seam(config: GPTConfig, lc: lora_lib.LoraConfig):

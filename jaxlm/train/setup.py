@@ -117,11 +117,16 @@ def _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flag
         (lc, adapters), base = lora_flags, train_lora.base_record(cfg.init_from, config, params)
     lc.check(config)
     shapes, shardings = train_lora.layout(config, lc, tx, mesh)
-    if lora_flags is None:
+    if lora_flags is None:  # the base first: a changed one fails here, before any compile
         out = Path(cfg.out_dir).expanduser()
-        init = partial(train_lora.resumed_state, out, start, shapes, shardings, config, base)
+        frozen = loader.load_lora_base(base, config, shardings["frozen"], run=out)
+        frozen = train_lora.own(frozen, shardings["frozen"], config.param_dtype)
+        init = partial(restore_state, out, start, shapes, shardings, frozen=frozen)
     else:
-        init = partial(train_lora.new_state, config, lc, tx, shardings, cfg.seed, params, adapters)
+        held = [params]  # handed over to the state, not kept: a Setup holding it would keep a second base alive
+
+        def init():
+            return train_lora.new_state(config, lc, tx, shardings, cfg.seed, held.pop(), adapters)
     log(describe_lora(config, lc) + (f" (continuing {cfg.adapter})" if cfg.adapter and not start else ""))
     loss_fn, lora_combine = train_lora.seam(config, lc)
     meta = train_lora.run_meta(lc, base)

@@ -88,41 +88,32 @@ def test_resume_is_bit_exact_and_checkpoints_hold_adapters_only(runs):
 
 
 def test_step_zero_is_the_base_model_and_only_adapters_change(runs, tmp_path):
-    """Through the real jitted step: LoRA's first loss equals full fine-tuning's bit for bit (B = 0), the base
+    """Through the real jitted step: LoRA's first loss equals the base model's bit for bit (B = 0), the base
     comes back in the same buffers (donated through, not copied), the optimizer state is adapter-shaped."""
     root, base = runs
     tokens = trainer.Batch(jax.numpy.asarray(np.random.default_rng(1).integers(0, 65, (1, 4, 33)), jax.numpy.int32))
-    losses = {}
-    for name, extra in (("lora", {}), ("full", dict(lora_rank=0, lora_dropout=0.0, lora_targets="c_attn"))):
-        c = cfg(tmp_path / name, root / "base", max_iters=6, **extra)
-        s = trainer.setup(c, log=quiet)
-        with sharding.activate(s.mesh):
-            state = s.init_state()
-            step = trainer.jit_train_step(
-                s.loss_fn or trainer.lm_loss(s.config),
-                trainer.make_optimizer(c),
-                trainer.lr_schedule(c),
-                s.state_shardings,
-                s.mesh,
-                s.combine,
-            )
-            before = jax.device_get(jax.tree.map(jax.numpy.copy, state))  # host views would block donation
-            pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state["frozen"])]
-            new, metrics = step(state, tokens)
-        losses[name] = float(metrics["loss"])
-        if name == "lora":
-            assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(new["frozen"])] == pointers
-            jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new["frozen"]), before["frozen"])
-            assert jax.tree.structure(new["params"]) == jax.tree.structure(
-                lora.shapes(s.config, lora.LoraConfig(rank=4, targets="c_attn,c_proj,c_fc"))
-            )
-            b = new["params"]["h"]["mlp"]["c_fc"]["lora_b"]
-            assert np.abs(np.asarray(b)).max() > 0 and not np.any(before["params"]["h"]["mlp"]["c_fc"]["lora_b"])
-            adapter_shapes = {x.shape for x in jax.tree.leaves(new["params"])}
-            opt_shapes = {x.shape for x in jax.tree.leaves(new["opt_state"]) if x.ndim}
-            assert opt_shapes == adapter_shapes
-            assert lora.count(new["opt_state"]) < 3 * lora.count(new["params"]) + 16  # mu, nu and counters
-    assert losses["lora"] == losses["full"]
+    c = cfg(tmp_path / "lora", root / "base", max_iters=6, dtype="float32")  # (bfloat16: fusions round apart)
+    s = trainer.setup(c, log=quiet)
+    with sharding.activate(s.mesh):
+        state = s.init_state()
+        tx, schedule = trainer.make_optimizer(c), trainer.lr_schedule(c)
+        step = trainer.jit_train_step(s.loss_fn, tx, schedule, s.state_shardings, s.mesh, s.combine)
+        before = jax.device_get(jax.tree.map(jax.numpy.copy, state))  # host views would block donation
+        pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state["frozen"])]
+        new, metrics = step(state, tokens)
+        base_loss = jax.jit(trainer.lm_loss(s.config))(base, jax.tree.map(lambda x: x[0], tokens), None)[0]
+    assert float(metrics["loss"]) == float(base_loss)
+    assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(new["frozen"])] == pointers
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new["frozen"]), before["frozen"])
+    assert jax.tree.structure(new["params"]) == jax.tree.structure(
+        lora.shapes(s.config, lora.LoraConfig(rank=4, targets="c_attn,c_proj,c_fc"))
+    )
+    b = new["params"]["h"]["mlp"]["c_fc"]["lora_b"]
+    assert np.abs(np.asarray(b)).max() > 0 and not np.any(before["params"]["h"]["mlp"]["c_fc"]["lora_b"])
+    adapter_shapes = {x.shape for x in jax.tree.leaves(new["params"])}
+    opt_shapes = {x.shape for x in jax.tree.leaves(new["opt_state"]) if x.ndim}
+    assert opt_shapes == adapter_shapes
+    assert lora.count(new["opt_state"]) < 3 * lora.count(new["params"]) + 16  # mu, nu and counters
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +139,8 @@ def test_run_exports_to_peft_hf_orbax_and_samples(runs, hf_base, tmp_path, capsy
         warnings.simplefilter("always")
         model = peft.PeftModel.from_pretrained(hf_model, tmp_path / "peft")
     messages = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning | FutureWarning)]
-    assert not messages + [r.getMessage() for r in caplog.records]
+    messages += [r.getMessage() for r in caplog.records if "token_id must be" not in r.getMessage()]  # vocab 65
+    assert not messages, messages  # no missing or unexpected keys
     ref = _peft_logits(model.eval())
     config, merged = jaxlm.load(a, dtype="float32")
     ours = np.asarray(jaxlm.GPT(config).apply({"params": merged}, TOKENS))
@@ -180,7 +172,7 @@ def test_a_changed_base_is_refused_naming_both(runs, tmp_path, capsys):
     capsys.readouterr()
     assert run_cli(sample_main, ["--init-from", str(run), "--max-new-tokens", "2"]) == 2
     assert run_cli(trainer.main, ["--init-from", "resume", "--out-dir", str(run), "--max-iters", "2"]) == 2
-    errs = capsys.readouterr().err.splitlines()
+    errs = [e for e in capsys.readouterr().err.splitlines() if not e.startswith("loading ")]
     assert len(errs) == 2 and all(e.startswith("error: ") and want in e and got in e for e in errs)
     assert rows(run, "loss")[-1][0] == 1  # nothing trained on the wrong base
 
@@ -202,7 +194,7 @@ def test_adapter_from_peft_continues_training(runs, hf_base, tmp_path):
         out_dir=str(tmp_path / "run"), init_from=str(root / "base"), adapter=str(tmp_path / "adapter"), **TINY
     )
     s = trainer.setup(c, log=logged.append)
-    assert any(line.startswith("LoRA r=2 on c_fc: 256 trainable") for line in logged), logged
+    assert any(line.startswith("LoRA r=2 on c_fc: 640 trainable") for line in logged), logged
     _, want = jaxlm.load_adapter(tmp_path / "adapter", MODEL)
     with sharding.activate(s.mesh):
         state = s.init_state()

@@ -127,6 +127,7 @@ def _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flag
 
         def init():
             return train_lora.new_state(config, lc, tx, shardings, cfg.seed, held.pop(), adapters)
+
     log(describe_lora(config, lc) + (f" (continuing {cfg.adapter})" if cfg.adapter and not start else ""))
     loss_fn, lora_combine = train_lora.seam(config, lc)
     meta = train_lora.run_meta(lc, base)

@@ -281,8 +281,7 @@ def out_of_space(run_dir, reason: str) -> CheckpointError:
     last = f"the last complete checkpoint is step {found[0]}" if found else "no checkpoint is complete yet"
     why = reason if "no space left" in reason else f"no space left ({reason})"
     return CheckpointError(
-        f"cannot write the {what} in {run_dir}: {why}; free space, then continue with "
-        f"--init-from resume; {last}"
+        f"cannot write the {what} in {run_dir}: {why}; free space, then continue with --init-from resume; {last}"
     )
 
 
@@ -318,6 +317,11 @@ def load_run(run_dir, shardings=None, step: int | None = None):
     `shardings` (a pytree matching the params) places arrays as they are read (default: the first device).
     """
     step, meta = _run_meta_or_error(run_dir, step)
+    if "lora" in meta:
+        raise JaxlmError(
+            f"{run_dir} is a LoRA run (its checkpoints hold adapters, not the base); load it merged with "
+            "jaxlm.load(RUN), or its adapters with load_run_adapters"
+        )
     config = GPTConfig.from_dict(meta["model"])
     shapes = param_shapes(config)
     if shardings is None:
@@ -328,6 +332,26 @@ def load_run(run_dir, shardings=None, step: int | None = None):
     trainable, frozen = partition(target, lambda path: path not in frozen_paths)
     r = restore_run(run_dir, step, {"params": trainable, **({"frozen": frozen} if frozen else {})})
     return config, combine(r["params"], r.get("frozen", {})), meta.get("tokenizer")
+
+
+def load_run_adapters(run_dir, shardings=None, step: int | None = None):
+    """(GPTConfig, LoraConfig, adapters, {"source", "fingerprint"} of the base, tokenizer_spec) of a LoRA
+    run's latest (or given) checkpoint; None for a run that trained the model's own params."""
+    step, meta = _run_meta_or_error(run_dir, step)
+    if "lora" not in meta:
+        return None
+    config = GPTConfig.from_dict(meta["model"])
+    try:
+        lora = lora_lib.LoraConfig.from_dict(meta["lora"]["config"])
+    except (JaxlmError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{run_dir} records an invalid LoRA config: {e}") from None
+    shapes = lora_lib.shapes(config, lora)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    adapters = restore_run(run_dir, step, {"params": target})["params"]
+    return config, lora, adapters, dict(meta["lora"].get("base") or {}), meta.get("tokenizer")
 
 
 def _run_meta_or_error(run_dir, step: int | None = None) -> tuple[int, dict]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import typing
 from dataclasses import dataclass
 
 from .errors import JaxlmError
@@ -169,6 +167,13 @@ class TrainConfig:
     checkpoint_interval: int | None = _opt(None, "save every N steps (none: eval_interval); always at the end")
     keep_checkpoints: int = _opt(3, "checkpoints to keep")
     tensorboard: bool = _opt(True, "write TensorBoard event files")
+    # LoRA (needs a pretrained --init-from; only the adapters train, the base stays frozen)
+    lora_rank: int = _opt(0, "LoRA rank r (0: off, full fine-tuning)")
+    lora_alpha: float = _opt(16.0, "LoRA alpha: the update is scaled by alpha / r")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA adapters' input (PEFT's lora_dropout)")
+    lora_targets: str = _opt("c_attn", "PEFT module names to adapt: c_attn,attn.c_proj,c_fc,mlp.c_proj (c_proj: both)")
+    lora_rslora: bool = _opt(False, "rsLoRA: scale by alpha / sqrt(r)")
+    adapter: str | None = _opt(None, "a PEFT LoRA adapter dir to continue training (sets rank, alpha and targets)")
     # hardware
     mesh: str | None = _opt(None, "device mesh, e.g. data=2,fsdp=4 (none: all devices on data)")
     peak_flops: float | None = _opt(None, "peak FLOP/s per device for MFU (none: known per device kind)")
@@ -208,7 +213,27 @@ class TrainConfig:
             )
         if not self.out_dir or not self.init_from:
             raise JaxlmError("--out-dir and --init-from must not be empty")
+        self._check_lora()
         self.model_config(self.vocab_size or 1)  # n_embd % n_head, dropout range, dtype: fail before any work
+
+    def _check_lora(self):
+        lora_on = self.lora_rank > 0 or self.adapter is not None
+        if self.lora_rank < 0:
+            raise JaxlmError(f"--lora-rank must be positive (or 0 for no LoRA), got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            raise JaxlmError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise JaxlmError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.adapter is not None and self.lora_rank > 0:
+            raise JaxlmError("--adapter sets the LoRA rank, alpha and targets; drop --lora-rank")
+        if lora_on and self.init_from == "scratch":
+            what = "--adapter" if self.adapter is not None else "--lora-rank"
+            raise JaxlmError(f"{what} adapts a pretrained model; pass --init-from gpt2 (or an HF dir, checkpoint, run)")
+
+    @property
+    def lora(self) -> bool:
+        """Whether this run trains LoRA adapters (fresh ones, or those of --adapter)."""
+        return self.lora_rank > 0 or self.adapter is not None
 
     @property
     def final_lr(self) -> float:
@@ -318,74 +343,3 @@ TRAIN_PRESETS: dict[str, dict] = {
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
-
-
-def _parse_bool(text: str) -> bool:
-    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(str(text).lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value
-
-
-def _optional(kind):
-    def parse(text: str):
-        return None if str(text).lower() in ("none", "null", "") else kind(text)
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error message
-    return parse
-
-
-def train_arg_parser(preset: str = DEFAULT_TRAIN_PRESET, prog: str = "train.py") -> argparse.ArgumentParser:
-    """`--config NAME` plus one flag per TrainConfig field, spelled `--n-layer 4` or `--n_layer=4`."""
-    if preset not in TRAIN_PRESETS:
-        raise JaxlmError(f"unknown --config {preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | TRAIN_PRESETS[preset]
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Train a GPT (from scratch, from a pretrained GPT-2, or resuming a run).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--config", default=preset, choices=sorted(TRAIN_PRESETS), help="preset the flags below override")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        kind = hints[f.name]
-        names = [f"--{_flag(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        kw = dict(dest=f.name, default=defaults[f.name], help=f.metadata["help"], choices=f.metadata.get("choices"))
-        if kind is bool:
-            kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-        else:
-            base = next(a for a in typing.get_args(kind) if a is not type(None)) if typing.get_args(kind) else kind
-            kw.update(type=_optional(base) if base is not kind else base)
-            if not kw["choices"]:
-                kw["metavar"] = base.__name__.upper()
-        p.add_argument(*names, **kw)
-    return p
-
-
-def parse_train_flags(argv=None, prog: str = "train.py") -> tuple[dict, frozenset[str]]:
-    """(every TrainConfig field's value, names of the fields set by flags or the chosen preset).
-
-    Values are not yet validated: a resumed run first merges them into the stored run's config.
-    Unknown flags and values of the wrong type exit with argparse's usage error (status 2).
-    """
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=DEFAULT_TRAIN_PRESET)
-    known, _ = pre.parse_known_args(argv)
-    parser = train_arg_parser(known.config, prog)
-    values = vars(parser.parse_args(argv))
-    preset = values.pop("config")
-    explicit = set(_explicit_dests(parser, argv)) - {"config"}
-    return values, frozenset(explicit | set(TRAIN_PRESETS[preset]))
-
-
-def parse_train_args(argv=None, prog: str = "train.py") -> tuple[TrainConfig, frozenset[str]]:
-    """(validated config, names of the fields set by flags or the preset)."""
-    values, explicit = parse_train_flags(argv, prog)
-    return TrainConfig(**values), explicit
-
-
-def _explicit_dests(parser: argparse.ArgumentParser, argv) -> list[str]:
-    """The dests given on the command line: parse again with every default suppressed."""
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return list(vars(parser.parse_args(argv)))

@@ -80,7 +80,13 @@ def _load_base(source, shardings, progress, config_overrides):
         return config, params, {"kind": "gpt2"}, None
     adapted = None
     if kind == "run":
-        config, params, tok = checkpoint.load_run(path, shardings=shardings)
+        stored = checkpoint.load_run_adapters(path)
+        if stored is None:
+            config, params, tok = checkpoint.load_run(path, shardings=shardings)
+        else:  # a LoRA run: its base, reloaded from where it came from, and its adapters
+            config, lora_config, adapters, base, tok = stored
+            params = load_lora_base(base, config, shardings, run=path)
+            adapted = lora_config, adapters
     else:
         config, params, tok = checkpoint.load(path, shardings=shardings)
         stored = checkpoint.load_adapters(path)
@@ -89,6 +95,42 @@ def _load_base(source, shardings, progress, config_overrides):
         config = config.replace(**config_overrides)
         params = jax.tree.map(lambda x: x.astype(config.param_dtype), params)
     return config, params, tok, adapted
+
+
+def lora_base_record(source, params) -> dict:
+    """What a LoRA run records of its frozen base: where it came from and a fingerprint of its weights."""
+    path = Path(source).expanduser()
+    return {"source": str(path.resolve()) if path.exists() else str(source), "fingerprint": lora.fingerprint(params)}
+
+
+def load_lora_base(record: dict, config, shardings=None, *, run=None):
+    """The frozen base params of a LoRA run (`config`: the run's model), reloaded from `record["source"]` and
+    checked against `record["fingerprint"]`: adapters trained on other weights would be silently wrong."""
+    source, want = record.get("source"), record.get("fingerprint")
+    what = f"the LoRA run {run}" if run is not None else "the LoRA run"
+    if not source:
+        raise JaxlmError(f"{what} records no base source; it cannot be loaded")
+    try:
+        base_config, params, _ = load_with_tokenizer(source)
+    except JaxlmError as e:
+        raise JaxlmError(f"{what}: its base {source} cannot be loaded ({e})") from None
+    if (base_config.n_layer, base_config.n_head, base_config.n_embd, base_config.vocab_size) != (
+        config.n_layer,
+        config.n_head,
+        config.n_embd,
+        config.vocab_size,
+    ) or base_config.block_size < config.block_size:
+        raise JaxlmError(f"{what} was trained on a base of another shape than {source} holds now")
+    if base_config.block_size > config.block_size:  # the run cropped the positions (--block-size)
+        params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][: config.block_size]}}
+    params = jax.tree.map(lambda x: jax.numpy.asarray(x, config.param_dtype), params)
+    got = lora.fingerprint(params)
+    if want is not None and got is not None and got != want:
+        raise JaxlmError(
+            f"{what} was trained on other base weights than {source} holds now (fingerprint {want[:12]} recorded, "
+            f"{got[:12]} found); restore the base it was trained on, or start a new run from this one"
+        )
+    return _place(params, shardings)
 
 
 def read_config(source, **config_overrides):
@@ -122,10 +164,18 @@ def save(
 
 def load_lora(source):
     """(config, base params, LoraConfig, adapters, {"source", "fingerprint"} of the base), unmerged, from a
-    jaxlm checkpoint saved with adapters."""
+    jaxlm checkpoint saved with adapters or a LoRA training run."""
     kind, path = resolve(source)
+    if kind == "run":
+        stored = checkpoint.load_run_adapters(path)
+        if stored is not None:
+            config, lora_config, adapters, base, _ = stored
+            return config, load_lora_base(base, config, run=path), lora_config, adapters, base
     stored = checkpoint.load_adapters(path) if kind == "jaxlm" else None
     if stored is None:
-        raise JaxlmError(f"{source} holds no LoRA adapters; save a checkpoint with jaxlm.save(..., adapters=, lora=)")
+        raise JaxlmError(
+            f"{source} holds no LoRA adapters; train with --lora-rank or save a checkpoint with "
+            "jaxlm.save(..., adapters=, lora=)"
+        )
     config, params, _ = checkpoint.load(path)
     return (config, params, *stored)

@@ -202,7 +202,9 @@ def fingerprint(params) -> str | None:
     for path, x in leaves:
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return None
-        a = np.ascontiguousarray(jax.device_get(x))
+        # read a copy: device_get caches a host view on the array it reads, and an array with a host view
+        # cannot be donated (a train step would then copy the frozen base instead of passing it through)
+        a = np.ascontiguousarray(jax.device_get(x.copy() if isinstance(x, jax.Array) else x))
         h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()

@@ -23,17 +23,18 @@ def lora_loss(config: GPTConfig, lora: LoraConfig):
     """loss_fn(params, batch, rng) -> (loss, {"tokens": counted targets}), params = combine(adapters, base).
 
     `batch` has `tokens` int32 [B, T+1] and `mask` float32 [B, T] or None (1 where a target counts):
-    the masked mean cross-entropy, with model and LoRA dropout drawn from `rng`.
+    the masked mean cross-entropy, with model and LoRA dropout drawn from `rng` (None: no dropout).
     """
     model = GPT(config, lora=lora)
 
     def loss_fn(params, batch, rng):
         tokens_BxT1 = batch.tokens
+        train = rng is not None  # None: evaluation, dropout off (the train library's convention)
         logits_BxTxV = model.apply(
             {"params": params["base"], "lora": params["lora"]},
             tokens_BxT1[..., :-1],
-            train=True,
-            rngs={"dropout": rng},
+            train=train,
+            rngs={"dropout": rng} if train else None,
         )
         mask_BxT = batch.mask
         if mask_BxT is None:

@@ -2,7 +2,8 @@
 
     python tests/sharded_train.py OUT_ROOT MESH [MESH ...]
 
-For each mesh ("single" = no mesh flag), trains the same tiny model 10 steps into OUT_ROOT/<mesh>,
+For each mesh ("single" = no mesh flag; "lora:MESH" = LoRA r=4 on c_attn,c_proj,c_fc of a fixed random
+base, the adapters then being the "shards" reported), trains the same tiny model 10 steps into OUT_ROOT/<mesh>,
 and prints one JSON line: {mesh: {"losses": [...], "shards": {param: shard shape}, "opt_shards": ...}}.
 Then: the first mesh's run is restored onto every other mesh (params saved to OUT_ROOT/restored-<mesh>.npz,
 with their shard shapes), and a run of 5 steps on the first mesh is resumed to 10 on the last ("resumed").
@@ -17,7 +18,7 @@ import numpy as np
 
 import jaxlm.train as trainer
 from jaxlm import sharding
-from jaxlm.config import TrainConfig
+from jaxlm.config import GPTConfig, TrainConfig
 
 TINY = dict(
     n_layer=2,
@@ -41,6 +42,18 @@ def config_for(out: Path, mesh: str | None, **overrides) -> TrainConfig:
     return TrainConfig(**{**TINY, "out_dir": str(out), "mesh": mesh, **overrides})
 
 
+def lora_config_for(root: Path, out: Path, mesh: str | None) -> TrainConfig:
+    """A LoRA run on a random base saved once per process (the same weights in every process: seed 0)."""
+    base = root / "lora-base"
+    if not base.exists():
+        import jaxlm
+
+        config = GPTConfig(vocab_size=65, **{k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "block_size")})
+        jaxlm.save(base, config, jax.jit(jaxlm.init_params, static_argnums=0)(config, jax.random.key(0)))
+    lora = dict(lora_rank=4, lora_alpha=8.0, lora_targets="c_attn,c_proj,c_fc", learning_rate=1e-2)
+    return config_for(out, mesh, init_from=str(base), **lora)
+
+
 def losses(out: Path) -> list[float]:
     rows = trainer.read_metrics(out / "metrics.jsonl")
     return [r["loss"] for r in sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])]
@@ -50,17 +63,22 @@ def main():
     root, meshes = Path(sys.argv[1]), sys.argv[2:]
     report = {"devices": jax.device_count()}
     for mesh in meshes:
-        spec = None if mesh == "single" else mesh
+        is_lora = mesh.startswith("lora:")
+        plain = mesh.removeprefix("lora:")
+        spec = None if plain == "single" else plain
         out = root / _name(mesh)
-        cfg = config_for(out, spec)
+        cfg = lora_config_for(root, out, spec) if is_lora else config_for(out, spec)
         s = trainer.setup(cfg, log=lambda *a, **k: None)
         with sharding.activate(s.mesh):
             state = s.init_state()
         shards = sharding.shard_summary(state["params"])
-        opt_shards = {k: v for k, v in sharding.shard_summary(state["opt_state"]).items() if k.endswith("c_fc/kernel")}
+        opt_shards = {
+            k: v for k, v in sharding.shard_summary(state["opt_state"]).items() if k.endswith(("c_fc/kernel", "lora_b"))
+        }
         del s, state
         trainer.train(cfg, log=lambda *a, **k: None)
         report[mesh] = {"losses": losses(out), "shards": shards, "opt_shards": opt_shards, "out": str(out)}
+    meshes = [m for m in meshes if not m.startswith("lora:")]  # restores and resume: the plain runs
     first, last = meshes[0], meshes[-1]
     saved = Path(report[first]["out"])
     for mesh in meshes[1:]:
@@ -79,7 +97,7 @@ def main():
 
 
 def _name(mesh: str) -> str:
-    return mesh.replace(",", "_").replace("=", "")
+    return mesh.replace(",", "_").replace("=", "").replace(":", "-")
 
 
 def _flatten(params) -> dict:

@@ -184,42 +184,7 @@ def test_without_adapters_the_model_lowers_to_the_same_program(base):
     assert text(jaxlm.GPT(config, lora=lc)) == text(jaxlm.GPT(config))
 
 
-SHARDED = """
-import json, jax, jax.numpy as jnp, numpy as np, jaxlm
-from jaxlm import lora, sharding
-config = jaxlm.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
-lc = lora.LoraConfig(rank=4, targets="c_attn,c_proj,c_fc")
-params = jaxlm.init_params(config, jax.random.key(0))
-adapters = lora.init(jax.random.key(1), config, lc)  # random B (a constant one is ill-conditioned under LayerNorm)
-adapters = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(3), x.shape), adapters)
-tokens = jnp.arange(32).reshape(4, 8) % 64
-ref = jaxlm.GPT(config, lora=lc).apply({"params": params, "lora": adapters}, tokens)
-mesh = sharding.make_mesh("fsdp=4,tensor=2")
-ps, ls = sharding.param_shardings(config, mesh), sharding.lora_shardings(config, lc, mesh)
-with sharding.activate(mesh):
-    f = jax.jit(lambda p, a, t: jaxlm.GPT(config, lora=lc).apply({"params": p, "lora": a}, t))
-    tokens_sharded = jax.device_put(tokens, sharding.batch_sharding(mesh))
-    out = f(jax.device_put(params, ps), jax.device_put(adapters, ls), tokens_sharded)
-shards = sharding.shard_summary(jax.device_put(adapters, ls))
-print("RESULT " + json.dumps({"err": float(np.abs(np.asarray(out) - np.asarray(ref)).max()), "shards": shards}))
-"""
-
-
-def test_adapters_shard_by_the_rules_table():
-    r = run_py("-c", SHARDED, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert result["err"] <= 1e-5
-    assert result["shards"] == {
-        "h/attn/c_attn/lora_a": [2, 8, 4],  # embed over fsdp=4, rank whole
-        "h/attn/c_attn/lora_b": [2, 4, 3, 16],  # heads over tensor=2
-        "h/attn/c_proj/lora_a": [2, 16, 4],
-        "h/attn/c_proj/lora_b": [2, 4, 8],
-        "h/mlp/c_fc/lora_a": [2, 8, 4],
-        "h/mlp/c_fc/lora_b": [2, 4, 64],
-        "h/mlp/c_proj/lora_a": [2, 64, 4],
-        "h/mlp/c_proj/lora_b": [2, 4, 8],
-    }
+# Adapters sharded over a mesh: tests/test_sharding.py's LoRA case (a training run on fsdp=4,tensor=2).
 
 
 def test_sample_and_convert_take_an_adapter(base, plain_adapter, tmp_path, capsys):

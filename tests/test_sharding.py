@@ -10,6 +10,7 @@ import jaxlm
 from jaxlm import sharding
 
 MESHES = ["data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2"]
+LORA_MESH = "lora:fsdp=4,tensor=2"  # a LoRA run (adapters sharded by the same rules table) on the richest mesh
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 
 
@@ -23,8 +24,9 @@ def _result(proc) -> dict:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
     script = str(ROOT / "tests" / "sharded_train.py")
-    single = _result(run_py(script, str(root / "one"), "single", env={"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}))
-    many = _result(run_py(script, str(root / "eight"), *MESHES, env=EIGHT, timeout=600))
+    one = {"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    single = _result(run_py(script, str(root / "one"), "single", "lora:single", env=one))
+    many = _result(run_py(script, str(root / "eight"), *MESHES, LORA_MESH, env=EIGHT, timeout=600))
     return single, many, root
 
 
@@ -37,6 +39,28 @@ def test_every_mesh_gives_the_single_device_losses(runs):
         losses = np.array(many[mesh]["losses"])
         assert losses.shape == ref.shape, mesh
         np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=mesh)
+
+
+def test_lora_on_a_mesh_gives_the_single_device_losses_and_shards_adapters(runs):
+    single, many, _ = runs
+    ref = np.array(single["lora:single"]["losses"])
+    assert len(ref) == 10 and ref[-1] < ref[0]  # the adapters learn
+    np.testing.assert_allclose(many[LORA_MESH]["losses"], ref, rtol=1e-5)
+    assert not np.allclose(ref, single["single"]["losses"])  # a different run from full training
+    # n_embd 64 (MLP 256), 4 heads, rank 4: embed over fsdp=4, heads/MLP over tensor=2, the rank whole
+    assert many[LORA_MESH]["shards"] == {
+        "h/attn/c_attn/lora_a": [2, 16, 4],
+        "h/attn/c_attn/lora_b": [2, 4, 3, 32],
+        "h/attn/c_proj/lora_a": [2, 32, 4],
+        "h/attn/c_proj/lora_b": [2, 4, 16],
+        "h/mlp/c_fc/lora_a": [2, 16, 4],
+        "h/mlp/c_fc/lora_b": [2, 4, 128],
+        "h/mlp/c_proj/lora_a": [2, 128, 4],
+        "h/mlp/c_proj/lora_b": [2, 4, 16],
+    }
+    opt = many[LORA_MESH]["opt_shards"]  # Adam's moments shard like their adapters
+    shards = many[LORA_MESH]["shards"]
+    assert opt and all(v == next(s for n, s in shards.items() if k.endswith(n)) for k, v in opt.items())
 
 
 # Shard shapes on the first device; the model: n_layer 2, n_embd 64 (MLP 256), 4 heads, vocab 65, block 32.

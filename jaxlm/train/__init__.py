@@ -4,6 +4,7 @@ optimizer  lr_schedule, decay_mask, make_optimizer
 step       Batch, lm_loss, make_train_step(loss_fn, tx, schedule), make_eval_step
 state      model_layout / layout (shapes + shardings), new_state, restore_state
 setup      setup(cfg) -> Setup: run dir, resume, pretrained init; resume_config
+lora       LoRA runs: adapters as the trainable state, the base frozen and recorded by source + fingerprint
 loop       train(cfg), main(argv) (python train.py), the Loop
 metrics    RunLog, read_metrics, plot_losses, MFU peaks
 runtime    allocator, CPU cores as devices, compile cache, stop signals

@@ -17,8 +17,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from .. import checkpoint, distributed, sharding
-from ..config import TrainConfig, parse_train_flags
+from ..config import TrainConfig
 from ..errors import JaxlmError, disk_full
+from ..flags import parse_train_flags
 from .batches import batches_for
 from .metrics import RunLog, measure_matmul_flops, peak_flops_per_device
 from .optimizer import lr_schedule, make_optimizer
@@ -60,7 +61,7 @@ def train(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, *, los
                 s = setup(cfg, explicit, log, trainable)
                 record_layout(s.cfg.out_dir, is_small(s.cfg))
                 with sharding.activate(s.mesh):  # steps are traced under the mesh and its logical-axis rules
-                    return Loop(s, stop, log, t_start, loss_fn or lm_loss(s.config)).run()
+                    return Loop(s, stop, log, t_start, loss_fn or s.loss_fn or lm_loss(s.config)).run()
         except RunComplete as done:
             log(str(done))
             return {"step": None, "val_loss": None, "seconds": 0.0, "out_dir": cfg.out_dir, "stopped_by": None}
@@ -97,15 +98,17 @@ class Loop:
             "data": {"counts": s.data.meta["counts"], "tokenizer": s.data.tokenizer_spec, "source": str(cfg.dataset)},
             "frozen_paths": list(s.frozen_paths),
         }
+        if s.lora is not None:
+            self.meta["lora"] = s.lora
 
     def _compile(self, loss_fn):
         """Compile the train step for each row length the batches can have, and the eval step, in the background
         (lowered from shapes alone) while the state is built or restored."""
         s, t = self.s, time.perf_counter()
         state_abstract = {k: abstract(s.state_shapes[k], s.state_shardings[k]) for k in s.state_shapes}
-        step = jit_train_step(loss_fn, make_optimizer(s.cfg), lr_schedule(s.cfg), s.state_shardings, s.mesh)
+        step = jit_train_step(loss_fn, make_optimizer(s.cfg), lr_schedule(s.cfg), s.state_shardings, s.mesh, s.combine)
         lowered = {T: step.lower(state_abstract, self.batches.abstract(T)) for T in self.batches.lengths}
-        eval_lowered = jax.jit(make_eval_step(loss_fn)).lower(
+        eval_lowered = jax.jit(make_eval_step(loss_fn, s.combine)).lower(
             state_abstract["params"], state_abstract["frozen"], self.batches.val
         )
         with ThreadPoolExecutor(2) as pool:
@@ -221,7 +224,8 @@ class Loop:
         t = time.perf_counter()
         self.drain()
         meta = {**self.meta, "step": self.step, "val_loss": self.val_loss}
-        checkpoint.save_run_step(self.manager, self.step, checkpoint_items(self.state), meta)
+        items = checkpoint_items(self.state, with_frozen=self.s.lora is None)  # a LoRA base is recorded, not copied
+        checkpoint.save_run_step(self.manager, self.step, items, meta)
         self.last_saved = self.step
         self.window["excluded"] += time.perf_counter() - t
 

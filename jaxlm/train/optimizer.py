@@ -21,8 +21,9 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     )
 
 
-# Leaf names that are matrices: Dense kernels, the token/position embeddings (the tied head with them).
-DECAYED_LEAVES = ("kernel", "embedding")
+# Leaf names that are matrices: Dense kernels, the token/position embeddings (the tied head with them), and
+# LoRA's A and B (as PEFT trained by transformers' Trainer decays them).
+DECAYED_LEAVES = ("kernel", "embedding", "lora_a", "lora_b")
 
 
 def decay_mask(params):

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import jax
 
+import jaxlm.train.lora as train_lora  # noqa: I001 (a submodule, not the package)
+
 from .. import checkpoint, data, loader, sft, sharding
 from ..config import GPTConfig, TrainConfig
 from ..errors import JaxlmError
-from ..tree import leaf_paths
+from ..lora import describe as describe_lora
+from ..tree import combine, leaf_paths
 from .optimizer import make_optimizer
 from .state import model_layout, new_state, restore_state
 
@@ -46,14 +49,18 @@ class Setup:
     state_shapes: dict
     init_state: Callable[[], dict]  # fresh or restored, placed on state_shardings
     frozen_paths: tuple[str, ...] = ()  # params held fixed ("a/b/leaf"), recorded with each checkpoint
+    lora: dict | None = None  # a LoRA run: {"config", "base": {"source", "fingerprint"}}, recorded likewise
+    loss_fn: Callable | None = None  # None: the LM loss of `config`
+    combine: Callable = combine
 
 
 def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, trainable=None) -> Setup:
     """Resolve `cfg` into a Setup; `trainable` (a predicate on param paths, None: all) picks what trains."""
     out = Path(cfg.out_dir).expanduser()
+    resume = cfg.init_from == "resume"
+    lora_flags = None if resume else train_lora.check_flags(cfg, explicit)  # before anything is written
     _check_writable(out)
     previous = checkpoint.latest_run_meta(out)
-    resume = cfg.init_from == "resume"
     if resume:
         if previous is None:
             raise JaxlmError(f"--init-from resume: {out} holds no checkpoint to resume; use --init-from scratch")
@@ -88,6 +95,9 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
             f"{mesh.shape['data'] * mesh.shape['fsdp']}"
         )
     tx = make_optimizer(cfg)
+    start = previous[0] if resume else 0
+    if (resume and "lora" in previous[1]) or lora_flags is not None:
+        return _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flags, params, log)
     if resume:  # the run's own split: what it froze stays frozen
         frozen = set(previous[1].get("frozen_paths", ()))
         trainable = (lambda path: path not in frozen) if frozen else None
@@ -96,7 +106,6 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
         init = partial(restore_state, out, previous[0], shapes, shardings)
     else:
         init = partial(new_state, config, tx, shardings, cfg.seed, params, trainable)
-    start = previous[0] if resume else 0
     frozen_paths = tuple(leaf_paths(shapes["frozen"]))
     return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, frozen_paths)
 
@@ -126,6 +135,32 @@ def _check_incomplete(out: Path, step: int, cfg: TrainConfig):
         )
 
 
+def _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flags, params, log) -> Setup:
+    """A LoRA run: adapters train (fresh, from --adapter, or the run's own), the base is frozen."""
+    if lora_flags is None:  # resume: the run's LoRA config; the base is reloaded and checked when built
+        lc, base = train_lora.from_meta(previous[1])
+        lc = lc.replace(dropout=cfg.lora_dropout) if cfg.adapter is None else lc
+    else:
+        (lc, adapters), base = lora_flags, train_lora.base_record(cfg.init_from, config, params)
+    lc.check(config)
+    shapes, shardings = train_lora.layout(config, lc, tx, mesh)
+    if lora_flags is None:  # the base first: a changed one fails here, before any compile
+        out = Path(cfg.out_dir).expanduser()
+        frozen = loader.load_lora_base(base, config, shardings["frozen"], run=out)
+        frozen = train_lora.own(frozen, shardings["frozen"], config.param_dtype)
+        init = partial(restore_state, out, start, shapes, shardings, frozen=frozen)
+    else:
+        held = [params]  # handed over to the state, not kept: a Setup holding it would keep a second base alive
+
+        def init():
+            return train_lora.new_state(config, lc, tx, shardings, cfg.seed, held.pop(), adapters)
+
+    log(describe_lora(config, lc) + (f" (continuing {cfg.adapter})" if cfg.adapter and not start else ""))
+    loss_fn, lora_combine = train_lora.seam(config, lc)
+    meta = train_lora.run_meta(lc, base)
+    return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, (), meta, loss_fn, lora_combine)
+
+
 def _check_writable(out: Path):
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +178,12 @@ def resume_config(values: dict, explicit: frozenset, meta: dict) -> TrainConfig:
         if name in explicit and values[name] not in (None, model[name]):
             raise JaxlmError(
                 f"--init-from resume: the run has {name}={model[name]} but --{name.replace('_', '-')} "
+                f"{values[name]} was given; drop the flag (or start a new run)"
+            )
+    for name in train_lora.FLAGS:  # the adapters' shapes and scale are the run's
+        if name in explicit and name != "lora_dropout" and values[name] != meta["train"].get(name, values[name]):
+            raise JaxlmError(
+                f"--init-from resume: the run has {name}={meta['train'].get(name)} but --{name.replace('_', '-')} "
                 f"{values[name]} was given; drop the flag (or start a new run)"
             )
     changes = {k: values[k] for k in explicit if k not in ARCH_FIELDS}

@@ -73,23 +73,26 @@ def new_state(config: GPTConfig, tx, shardings: dict, seed: int, params=None, tr
     }
 
 
-def checkpoint_items(state: dict) -> dict:
-    """The pytrees a run checkpoint holds (the frozen part only when there is one)."""
+def checkpoint_items(state: dict, with_frozen: bool = True) -> dict:
+    """The pytrees a run checkpoint holds (the frozen part only when there is one and `with_frozen`: a LoRA
+    run records where its base came from instead of copying it into every checkpoint)."""
     items = {"params": state["params"], "opt_state": state["opt_state"]}
     items["progress"] = {"step": state["step"], "rng": state["rng"]}
-    if state.get("frozen"):
+    if with_frozen and state.get("frozen"):
         items["frozen"] = state["frozen"]
     return items
 
 
-def restore_state(run_dir: Path, step: int, shapes: dict, shardings: dict) -> dict:
-    """The train state saved at `step` in `run_dir`, restored straight onto `shardings`."""
+def restore_state(run_dir: Path, step: int, shapes: dict, shardings: dict, frozen=None) -> dict:
+    """The train state saved at `step` in `run_dir`, restored straight onto `shardings`; `frozen` (already
+    placed) stands in for a frozen part the checkpoint does not hold."""
     items = {
         "params": abstract(shapes["params"], shardings["params"]),
         "opt_state": abstract(shapes["opt_state"], shardings["opt_state"]),
         "progress": {k: abstract(shapes[k], shardings[k]) for k in ("step", "rng")},
     }
-    if shapes["frozen"]:
+    if shapes["frozen"] and frozen is None:
         items["frozen"] = abstract(shapes["frozen"], shardings["frozen"])
     r = checkpoint.restore_run(run_dir, step, items)
-    return {"params": r["params"], "frozen": r.get("frozen", {}), "opt_state": r["opt_state"], **r["progress"]}
+    frozen = r.get("frozen", {}) if frozen is None else frozen
+    return {"params": r["params"], "frozen": frozen, "opt_state": r["opt_state"], **r["progress"]}

@@ -1,0 +1,136 @@
+"""LoRA against full fine-tuning: step time, peak memory and optimizer-state bytes, each case in its own process.
+
+    python bench/bench_lora.py                      # GPT-2 124M shape, batch 4 x 256, float32; a markdown table
+    python bench/bench_lora.py --size tiny --steps 3  # the same on a 2-layer model, to try it
+
+Both cases run jaxlm's real train step (jit_train_step, state donated) on a random-init model and random
+tokens: full fine-tuning trains every param; LoRA r=8 on c_attn trains the adapters, the base passed through
+as the frozen part. Step time is the median of the timed steps after a warm-up (compile) step; peak memory is
+the process's maximum resident set size (a fresh process per case, so one case's memory never counts for
+the other); optimizer-state bytes are the sizes of the AdamW state's arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=256),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512, block_size=64),
+}
+CASES = ("full", "lora")
+
+
+def run_case(case: str, size: str, steps: int, batch: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxlm.train as trainer
+    from jaxlm import lora, sharding
+    from jaxlm.config import TrainConfig
+    from jaxlm.model import init_params
+    from jaxlm.train import lora as train_lora
+
+    shape = SIZES[size]
+    cfg = TrainConfig(
+        **{k: shape[k] for k in ("n_layer", "n_head", "n_embd", "block_size")},
+        vocab_size=shape["vocab_size"],
+        batch_size=batch,
+        dtype="float32",
+        dropout=0.0,
+        scan_layers=True,
+        warmup_iters=0,
+    )
+    trainer.apply_layout(trainer.host_layout(cfg.to_dict()))  # as train.py does
+    config = cfg.model_config(shape["vocab_size"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    tx = trainer.make_optimizer(cfg)
+    B, T = cfg.batch_size, cfg.block_size
+    with sharding.activate(mesh):
+        if case == "full":
+            _, shardings = trainer.model_layout(config, tx, mesh)
+            step_fn = trainer.jit_train_step(trainer.lm_loss(config), tx, trainer.lr_schedule(cfg), shardings, mesh)
+            state = trainer.new_state(config, tx, shardings, cfg.seed)
+        else:
+            lc = lora.LoraConfig(rank=8, alpha=16, targets=("c_attn",))
+            _, shardings = train_lora.layout(config, lc, tx, mesh)
+            loss_fn, combine = train_lora.seam(config, lc)
+            step_fn = trainer.jit_train_step(loss_fn, tx, trainer.lr_schedule(cfg), shardings, mesh, combine)
+            base = jax.jit(lambda k: init_params(config, k), out_shardings=shardings["frozen"])(jax.random.key(0))
+            state = train_lora.new_state(config, lc, tx, shardings, cfg.seed, base)
+            del base
+        opt_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state["opt_state"]))
+        trainable = lora.count(state["params"])
+        rng = np.random.default_rng(0)
+        batch_sh = trainer.batch_sharding(mesh)
+
+        def batch_of():
+            tokens = rng.integers(0, config.vocab_size, (1, B, T + 1), dtype=np.int32)
+            return trainer.Batch(jax.device_put(jnp.asarray(tokens), batch_sh))
+
+        t = time.perf_counter()
+        state, m = step_fn(state, batch_of())
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t
+        times = []
+        for _ in range(steps):
+            b = batch_of()
+            t = time.perf_counter()
+            state, m = step_fn(state, b)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t)
+    return {
+        "case": case,
+        "size": size,
+        "trainable": trainable,
+        "ms_per_step": 1000 * float(np.median(times)),
+        "compile_s": compile_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "opt_state_mb": opt_bytes / 1e6,
+        "loss": float(m["loss"]),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="gpt2")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up step")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--case", choices=CASES, default=None, help="run one case here and print its JSON")
+    args = p.parse_args()
+    if args.case:
+        print("RESULT " + json.dumps(run_case(args.case, args.size, args.steps, args.batch_size)))
+        return
+    results = {}
+    for case in CASES:
+        cmd = [sys.executable, __file__, "--case", case, "--size", args.size, "--steps", str(args.steps)]
+        cmd += ["--batch-size", str(args.batch_size)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results[case] = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+    full, lo = results["full"], results["lora"]
+    print(
+        f"| {args.size}, batch {args.batch_size}x{SIZES[args.size]['block_size']}, float32 | full | LoRA r=8 c_attn "
+        "| LoRA / full | goal |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    rows = [
+        ("trainable params", "trainable", "{:,.0f}", None),
+        ("ms / step (median)", "ms_per_step", "{:,.0f}", "<= 0.8x"),
+        ("peak memory (RSS, MB)", "peak_rss_mb", "{:,.0f}", "<= 0.6x"),
+        ("optimizer state (MB)", "opt_state_mb", "{:,.2f}", "<= 1%"),
+    ]
+    for label, key, fmt, goal in rows:
+        ratio = lo[key] / full[key]
+        shown = f"{100 * ratio:.2f}%" if key in ("opt_state_mb", "trainable") else f"{ratio:.2f}x"
+        print(f"| {label} | {fmt.format(full[key])} | {fmt.format(lo[key])} | {shown} | {goal or ''} |")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

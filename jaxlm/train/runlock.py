@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -31,12 +32,14 @@ class RunLock:
     def __init__(self, out_dir):
         self.out = Path(out_dir).expanduser()
         self.fd = None
+        self.created = False  # the lock made the run directory: a run that fails before writing removes it
 
     def __enter__(self):
         if jax.process_index() != 0:
             return self
         path = self.out / LOCK_FILE
         try:
+            self.created = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -57,10 +60,13 @@ class RunLock:
         self.fd = fd
         return self
 
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)  # releases the lock; the file stays (unlinking it would race a newcomer)
-            self.fd = None
+    def __exit__(self, exc_type, *exc):
+        if self.fd is None:
+            return
+        os.close(self.fd)  # releases the lock; the file stays (unlinking it would race a newcomer)
+        self.fd = None
+        if exc_type is not None and self.created and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(self.out, ignore_errors=True)  # bad input found before anything was written
 
 
 def _read_holder(fd: int) -> str:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "fake_gpt2_random"
 
@@ -34,3 +36,16 @@ def run_py(*args, env=None, timeout=300, cwd=None):
         timeout=timeout,
         cwd=cwd or ROOT,
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_cache(tmp_path_factory):
+    """One dataset + compilation cache for a test module (and its subprocesses): repeated shapes compile once.
+    Import it into a module (`from helpers import shared_cache`) to use it there."""
+    old = os.environ.get("JAXLM_CACHE")
+    os.environ["JAXLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["JAXLM_CACHE"]
+    else:
+        os.environ["JAXLM_CACHE"] = old

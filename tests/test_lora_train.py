@@ -6,7 +6,6 @@ through the disk cache."""
 
 import json
 import logging
-import os
 import shutil
 import warnings
 
@@ -16,6 +15,7 @@ import peft
 import pytest
 import torch
 import transformers
+from helpers import shared_cache  # noqa: F401 (autouse fixture)
 
 import jaxlm
 import jaxlm.train as trainer
@@ -33,17 +33,6 @@ TOKENS = np.random.default_rng(0).integers(0, 65, (2, 12))
 
 def quiet(*args, **kwargs):
     pass
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory):
-    old = os.environ.get("JAXLM_CACHE")
-    os.environ["JAXLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["JAXLM_CACHE"]
-    else:
-        os.environ["JAXLM_CACHE"] = old
 
 
 def cfg(out, base, **changes) -> TrainConfig:

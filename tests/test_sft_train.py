@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import shared_cache  # noqa: F401 (autouse fixture)
 
 import jaxlm.train as trainer
 from jaxlm import GPT, init_params, sft
@@ -22,17 +23,6 @@ from jaxlm.tokenizer import from_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefgh"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory):
-    old = os.environ.get("JAXLM_CACHE")
-    os.environ["JAXLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["JAXLM_CACHE"]
-    else:
-        os.environ["JAXLM_CACHE"] = old
 
 
 def reversal_rows(n, seed, length=5, exclude=()):

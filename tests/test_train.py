@@ -2,7 +2,6 @@
 only where a signal or a crash is the point."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import shared_cache  # noqa: F401 (autouse fixture)
 
 import jaxlm
 import jaxlm.train as trainer
@@ -36,18 +36,6 @@ TINY = dict(
     log_interval=1,
 )
 TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory):
-    """One dataset + compilation cache for the module (and its subprocesses): repeated shapes compile once."""
-    old = os.environ.get("JAXLM_CACHE")
-    os.environ["JAXLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["JAXLM_CACHE"]
-    else:
-        os.environ["JAXLM_CACHE"] = old
 
 
 def tiny(out, **changes) -> TrainConfig:

@@ -283,6 +283,7 @@ def test_cli_runs_all_tasks_and_writes_json(model, tmp_path, capsys):
         ),
         (["--max-examples", "0"], "--max-examples must be >= 1"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--task", "lambada=NOFILE"], "dataset file NOFILE not found"),
         (["--task", "hellaswag", "--data-dir", "."], "hellaswag_val_full.txt.bz2 not found"),
     ],

@@ -32,12 +32,13 @@ def model(tmp_path_factory):
 def test_task_file_scored_with_the_fields_libraries(task, model, tmp_path, capsys):
     out = tmp_path / "results.json"
     argv = [str(model), "--task", task, str(FILES[task]), "--max-examples", "3", "--output", str(out)]
-    assert run_cli(cli.main, [*argv, "--no-progress", "--batch-size", "2"]) == 0
+    assert run_cli(cli.main, [*argv, "--no-progress", "--batch-size", "2", "--max-new-tokens", "5"]) == 0
     table = capsys.readouterr().out
     report = json.loads(out.read_text())["tasks"][task]
     preds = [json.loads(line) for line in out.with_name(f"results.{task}.jsonl").read_text().splitlines()]
     rows = [json.loads(line) for line in FILES[task].read_text().splitlines()[:3]]
     assert len(preds) == 3 and report["examples"] == 3
+    assert report["max_new_tokens"] == 5  # --max-new-tokens reaches the decoder
     hyps = [p["prediction"] for p in preds]
     if task == "summarize":
         scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)

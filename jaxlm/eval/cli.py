@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=None, help="score the first N examples of each task (None: all)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (logits and softmax stay float32)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation tasks: tokens generated per example at most (None: the task's own; a short-context "
+        "model needs fewer)",
+    )
     p.add_argument("--stride", type=int, default=512, help="WikiText-2 sliding-window stride in tokens")
     p.add_argument(
         "--data-dir",
@@ -70,6 +77,8 @@ def main(argv=None) -> int:
         raise JaxlmError(f"--max-examples must be >= 1 (or left out for all), got {args.max_examples}")
     if args.batch_size < 1:
         raise JaxlmError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise JaxlmError(f"--max-new-tokens must be >= 1 (or left out for the task's own), got {args.max_new_tokens}")
     if args.stride < 1:
         raise JaxlmError(f"--stride must be >= 1, got {args.stride}")
     chosen = parse_tasks(args.task)
@@ -88,7 +97,9 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
 
-    options = Options(args.batch_size, args.max_examples, args.stride, args.data_dir, progress=not args.no_progress)
+    options = Options(
+        args.batch_size, args.max_examples, args.stride, args.data_dir, not args.no_progress, args.max_new_tokens
+    )
     results, predictions = {}, {}
     for task, file in kept:
         t0 = time.perf_counter()

@@ -27,6 +27,7 @@ class Options:
     stride: int = 512
     data_dir: str | None = None
     progress: bool = False
+    max_new_tokens: int | None = None  # generation tasks: None = the task's own (summarize 64, ...)
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,19 @@ def _generation(name: str):
     command line writes as JSONL beside --output."""
 
     def run(p, c, tok, file, o: Options) -> dict:
-        r = run_task(name, p, c, tok, file, max_examples=o.max_examples, batch_size=o.batch_size, progress=o.progress)
+        r = run_task(
+            name,
+            p,
+            c,
+            tok,
+            file,
+            max_examples=o.max_examples,
+            batch_size=o.batch_size,
+            progress=o.progress,
+            max_new_tokens=o.max_new_tokens,
+        )
         return {**r["metrics"], "examples": r["examples"], "truncated_prompts": r["truncated_prompts"],
-                "predictions": r["predictions"]}  # fmt: skip
+                "max_new_tokens": r["max_new_tokens"], "predictions": r["predictions"]}  # fmt: skip
 
     return run
 

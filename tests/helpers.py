@@ -42,6 +42,11 @@ def run_py(*args, env=None, timeout=300, cwd=None):
 def shared_cache(tmp_path_factory):
     """One dataset + compilation cache for a test module (and its subprocesses): repeated shapes compile once.
     Import it into a module (`from helpers import shared_cache`) to use it there."""
+    yield from cache_env(tmp_path_factory)
+
+
+def cache_env(tmp_path_factory):
+    """Point JAXLM_CACHE at a fresh directory until the generator resumes, then restore it (fixture body)."""
     old = os.environ.get("JAXLM_CACHE")
     os.environ["JAXLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield

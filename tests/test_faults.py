@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 import trainfaults as tf
+from helpers import cache_env
 
 import jaxlm.train as trainer
 from jaxlm.cli import run_cli
@@ -29,13 +30,7 @@ RUN = ["--max-iters=40", "--eval-interval=10", f"--checkpoint-interval={INTERVAL
 def shared_cache(tmp_path_factory):
     """One dataset + compilation cache for the module's processes: the tiny steps compile once or twice."""
     jax.devices()  # JAX starts here with its own devices; in-process calls below cannot change them
-    old = os.environ.get("JAXLM_CACHE")
-    os.environ["JAXLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["JAXLM_CACHE"]
-    else:
-        os.environ["JAXLM_CACHE"] = old
+    yield from cache_env(tmp_path_factory)
 
 
 def _refused_while_live(out, proc, capsys):

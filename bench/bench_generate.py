@@ -15,6 +15,7 @@ large fraction of it is bandwidth-bound, one far below it compute-bound.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import platform
@@ -156,8 +157,11 @@ def main():
             if model is not None:
                 import torch
 
-                model.to(getattr(torch, dtype))
-                torch_tps, theirs = bench_torch(model, b, args.reps, args.threads)
+                # A cast copy: casting `model` itself in place and back would leave its weights bf16-rounded
+                # (the beam row once compared against such a model and so "differed" from jaxlm).
+                cast = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
+                torch_tps, theirs = bench_torch(cast, b, args.reps, args.threads)
+                del cast
             flax = (
                 bench_hf_flax(args.hf_flax_python, b, dtype, args.reps, config) if args.hf_flax_python else (None, None)
             )
@@ -173,7 +177,6 @@ def main():
         if model is not None:
             import torch
 
-            model.to(torch.float32)
             torch_tps, theirs = bench_torch(model, 1, args.reps, args.threads, num_beams=BEAMS)
         # tok/s of beam search: returned tokens (batch x new) per second, as for the peers
         bound = BEAMS * bandwidth / f32_bytes

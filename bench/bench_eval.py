@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import resource
 import sys
 import tempfile
 import time
@@ -18,23 +19,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def torch_guide(model, ids, block, stride, max_windows):
+def torch_windows(ids, block, stride, max_windows):
+    """The HF guide's windows: (begin, end, prev_end) per forward pass, in its order."""
+    out, prev_end = [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + block, len(ids))
+        out.append((begin, end, prev_end))
+        prev_end = end
+        if end == len(ids) or len(out) == max_windows:
+            break
+    return out
+
+
+def torch_guide_window(model, ids_1xN, begin, end, prev_end):
+    """One iteration of the guide's loop: (summed NLL, tokens) of the window's new tokens."""
     import torch
 
-    ids = torch.tensor([ids])
-    nll, n_tokens, prev_end, windows = 0.0, 0, 0, 0
-    for begin in range(0, ids.size(1), stride):
-        end = min(begin + block, ids.size(1))
-        inp = ids[:, begin:end]
-        target = inp.clone()
-        target[:, : -(end - prev_end)] = -100
-        with torch.inference_mode():
-            loss = model(inp, labels=target).loss
-        n = int((target[:, 1:] != -100).sum())
-        nll, n_tokens, prev_end, windows = nll + float(loss) * n, n_tokens + n, end, windows + 1
-        if end == ids.size(1) or windows == max_windows:
-            break
-    return math.exp(nll / n_tokens), n_tokens, windows
+    inp = ids_1xN[:, begin:end]
+    target = inp.clone()
+    target[:, : -(end - prev_end)] = -100
+    with torch.inference_mode():
+        loss = model(inp, labels=target).loss
+    n = int((target[:, 1:] != -100).sum())
+    return float(loss) * n, n
 
 
 def main():
@@ -43,7 +50,16 @@ def main():
     p.add_argument("--lambada", type=int, default=None, help="first N LAMBADA examples (None: all 5153)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed blocks, as `python -m jaxlm.eval` sets it (process-wide: both sides get it)",
+    )
     args = p.parse_args()
+    if args.keep_freed_memory:
+        from jaxlm.allocator import keep_freed_memory
+
+        keep_freed_memory()
 
     import torch
     from helpers import save_random_hf
@@ -62,20 +78,30 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; WikiText-2: {len(ids)} tokens")
 
     requests = stride_requests(ids, 1024, 512, limit=args.windows)
+    windows = torch_windows(ids, 1024, 512, len(requests))
+    ids_1xN = torch.tensor([ids])
     scorer = Scorer(params, config, batch_size=args.batch_size)
     scorer.score(requests[: args.batch_size])  # compile both shapes outside the timing
     scorer.score(requests[1 : args.batch_size + 1])
-    t0 = time.perf_counter()
-    scored = scorer.score(requests)
-    jax_s = time.perf_counter() - t0
+    # Interleaved batch by batch (jaxlm, then torch on the same windows), so the VM's drift in speed
+    # over minutes falls on both alike. The guide's first window scores 1023 tokens, the rest `stride`.
+    jax_s = torch_s = jax_nll = torch_nll = 0.0
+    torch_n = 0
+    for lo in range(0, len(requests), args.batch_size):
+        t0 = time.perf_counter()
+        scored = scorer.score(requests[lo : lo + args.batch_size])
+        jax_s += time.perf_counter() - t0
+        jax_nll -= sum(s.total for s in scored)
+        t0 = time.perf_counter()
+        for w in windows[lo : lo + args.batch_size]:
+            nll, k = torch_guide_window(model, ids_1xN, *w)
+            torch_nll, torch_n = torch_nll + nll, torch_n + k
+        torch_s += time.perf_counter() - t0
     n = sum(r.n_score for r in requests)
-    jax_ppl = math.exp(-sum(s.total for s in scored) / n)
-
-    t0 = time.perf_counter()
-    torch_ppl, torch_n, _ = torch_guide(model, ids, 1024, 512, len(requests))
-    torch_s = time.perf_counter() - t0
     assert torch_n == n, (torch_n, n)
-    print(f"wikitext2 stride 512: {len(requests)} windows, {n} tokens scored")
+    jax_ppl, torch_ppl = math.exp(jax_nll / n), math.exp(torch_nll / n)
+    malloc = "freed memory kept" if args.keep_freed_memory else "glibc default malloc"
+    print(f"wikitext2 stride 512: {len(requests)} windows, {n} tokens scored, interleaved by batch; {malloc}")
     print(
         f"  jaxlm {args.dtype} batch {args.batch_size}: {jax_s:.1f} s, {n / jax_s:.0f} tok/s, ppl {jax_ppl:.4f}, "
         f"{scorer.compiles} compiles"
@@ -89,6 +115,8 @@ def main():
         f"lambada: {r['examples']} examples in {time.perf_counter() - t0:.1f} s (compiles included: "
         f"{r['compiles']}), acc {r['acc']:.4f}, perplexity {r['perplexity']:.1f}"
     )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak RSS of this process (both models): {peak:.2f} GiB")
 
 
 if __name__ == "__main__":

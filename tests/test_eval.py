@@ -274,6 +274,22 @@ def test_cli_runs_all_tasks_and_writes_json(model, tmp_path, capsys):
     assert "token_perplexity" in out and "acc_norm_tokens" in out and "compiles" in out
 
 
+@pytest.mark.parametrize("model", ["L2H2D32T64"], indirect=True)
+def test_cli_allocator_choice_changes_no_number(model, tmp_path, capsys):
+    """--return-freed-memory only leaves glibc's malloc alone (tests/test_allocator.py checks what the default
+    sets); the scores are the same either way."""
+    *_, path = model
+    reports = []
+    for extra in ([], ["--return-freed-memory"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        rc, _, err = cli(capsys, path, "--task", "lambada", "--max-examples", 3, "--output", out, *extra)
+        assert rc == 0, err
+        reports.append(json.loads(out.read_text())["tasks"]["lambada"])
+    for r in reports:
+        r.pop("seconds")
+    assert reports[0] == reports[1] and reports[0]["examples"] == 3
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

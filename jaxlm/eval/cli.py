@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .. import loader
+from ..allocator import keep_freed_memory
 from ..config import DTYPES
 from ..errors import JaxlmError
 from ..tokenizer import from_spec
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"({', '.join(t.data for t in TASKS.values() if t.data)}); None: the bundled copies",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="leave glibc's malloc at its default of returning big freed blocks to the OS: a lower peak RSS, "
+        "slower on a CPU (by default the eval keeps them, as train.py does for small models)",
+    )
     return p
 
 
@@ -86,6 +93,8 @@ def main(argv=None) -> int:
         if task.data or file:
             locate(task.data, file, args.data_dir)
     explicit = "all" not in [s.strip() for s in args.task.split(",")]
+    if not args.return_freed_memory:
+        keep_freed_memory()  # before the weights load: XLA:CPU's per-call buffers then stop page-faulting
 
     config, params, tok_spec = loader.load_with_tokenizer(args.source, dtype=args.dtype)
     tokenizer = from_spec(tok_spec)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 
+from ..allocator import keep_freed_memory  # noqa: F401  (re-exported: jaxlm.train.keep_freed_memory)
 from ..data import cache_dir
 
 RUNTIME_FILE = "runtime.json"
@@ -31,25 +32,6 @@ def is_small(cfg) -> bool:
     (`cfg`: a TrainConfig or its dict of values)."""
     get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
     return get("init_from") in ("scratch", "resume") and 12 * get("n_layer") * get("n_embd") ** 2 <= SMALL_MODEL_PARAMS
-
-
-def keep_freed_memory():
-    """Stop glibc from handing XLA's per-step buffers back to the OS (Linux; a no-op elsewhere).
-
-    XLA on CPU allocates each step's temporaries afresh; by default glibc unmaps them on free, so every step
-    page-faults tens of MB back in (a large share of a small model's step time). One arena, no mmap and no
-    trimming make freed memory reusable. Call before JAX starts its threads (harmless on GPU/TPU hosts).
-    """
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-    mallopt(M_ARENA_MAX, 1)
-    mallopt(M_MMAP_MAX, 0)
-    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def user_set_cpu_devices() -> bool:

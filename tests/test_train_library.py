@@ -123,3 +123,28 @@ def test_resumed_cli_run_on_cpu_cores_equals_the_uninterrupted_one(tmp_path):
     log = _train(split, "--init-from=resume", cache=cache)
     assert "is complete: step 40 of --max-iters 40" in log and "larger --max-iters" in log
     assert {p: p.stat().st_mtime_ns for p in split.rglob("*")} == before
+
+
+def test_cpu_cores_as_devices_only_for_small_vocabularies(tmp_path, monkeypatch):
+    """A small model gets a CPU device per core only with a char-level vocabulary; GPT-2's (builtin, by
+    tokenizer, or read from a prepared dataset's meta.json) keeps one device, where no all-reduce can hang."""
+    from jaxlm.train.runtime import cpu_cores_for
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    prepared = {}
+    for name, vocab in (("bpe", 50257), ("chars", 65)):
+        prepared[name] = tmp_path / name
+        prepared[name].mkdir()
+        (prepared[name] / "meta.json").write_text(json.dumps({"format": "jaxlm-data", "vocab_size": vocab}))
+
+    def layout(**over):
+        cfg = TrainConfig.preset("shakespeare-char", **over)
+        return trainer.host_layout({k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
+
+    cores = cpu_cores_for(TrainConfig.preset("shakespeare-char").batch_size)
+    assert layout() == {"cpu_devices": cores, "keep_freed_memory": True}
+    assert layout(dataset=str(prepared["chars"])) == {"cpu_devices": cores, "keep_freed_memory": True}
+    for over in ({"dataset": "shakespeare"}, {"dataset": str(prepared["bpe"])}, {"vocab_size": 50304}):
+        assert layout(**over) == {"cpu_devices": None, "keep_freed_memory": True}, over
+    assert layout(mesh="data=1")["cpu_devices"] is None

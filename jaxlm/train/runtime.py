@@ -17,7 +17,8 @@ from pathlib import Path
 import jax
 
 from ..allocator import keep_freed_memory  # noqa: F401  (re-exported: jaxlm.train.keep_freed_memory)
-from ..data import cache_dir
+from ..data import BUILTIN, META_FILE, cache_dir
+from ..tokenizer import GPT2_EOT_ID
 
 RUNTIME_FILE = "runtime.json"
 
@@ -25,6 +26,10 @@ RUNTIME_FILE = "runtime.json"
 # bigger ones keep one device, whose ops are large enough to use every core, one copy of the weights and
 # optimizer state, and glibc's default of returning big freed blocks (else 124M peaks at ~12 GiB, not ~4).
 SMALL_MODEL_PARAMS = 20_000_000
+# ... and a vocabulary up to this size (char-level): a GPT-2-vocabulary head is big enough for XLA to spread
+# over the cores by itself (data parallel over cores measured no faster there), and 2-device runs of small
+# GPT-2-vocabulary models hung in XLA's in-process all-reduce at the first step in 3 of 10 runs.
+SMALL_VOCAB = 4096
 
 
 def is_small(cfg) -> bool:
@@ -32,6 +37,21 @@ def is_small(cfg) -> bool:
     (`cfg`: a TrainConfig or its dict of values)."""
     get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
     return get("init_from") in ("scratch", "resume") and 12 * get("n_layer") * get("n_embd") ** 2 <= SMALL_MODEL_PARAMS
+
+
+def vocab_size_of(values: dict) -> int | None:
+    """The vocabulary a run from `values` (TrainConfig values) will train with, read without tokenising
+    anything: --vocab-size, a prepared dataset's meta.json, else its tokenizer's (None: char-level, not
+    known before the text is read; always small)."""
+    if values.get("vocab_size"):
+        return values["vocab_size"]
+    source = values["dataset"]
+    kind = BUILTIN.get(source, values.get("tokenizer"))
+    meta = Path(source).expanduser() / META_FILE
+    if source not in BUILTIN and meta.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            return int(json.loads(meta.read_text())["vocab_size"])
+    return GPT2_EOT_ID + 1 if kind == "gpt2" else None
 
 
 def user_set_cpu_devices() -> bool:
@@ -61,8 +81,8 @@ def host_layout(values: dict, single_process: bool = True) -> dict:
     """{"cpu_devices": n | None, "keep_freed_memory": bool} for a run about to start; JAX stays untouched.
 
     `values`: the run's TrainConfig values (flags). A resumed run takes what its run directory recorded.
-    Otherwise a small model on one process with no --mesh and no device count of the user's own gets a CPU
-    device per core that divides the batch.
+    Otherwise a small model with a small (char-level) vocabulary, on one process with no --mesh and no
+    device count of the user's own, gets a CPU device per core that divides the batch.
     """
     mine = values["mesh"] is None and single_process and not user_set_cpu_devices()
     if values["init_from"] == "resume":
@@ -70,7 +90,9 @@ def host_layout(values: dict, single_process: bool = True) -> dict:
         if recorded is not None:
             return {**recorded, "cpu_devices": recorded.get("cpu_devices") if mine else None}
     small = is_small(values)
-    return {"cpu_devices": cpu_cores_for(values["batch_size"]) if small and mine else None, "keep_freed_memory": small}
+    vocab = vocab_size_of(values) if small and mine else None
+    cores = small and mine and (vocab is None or vocab <= SMALL_VOCAB)
+    return {"cpu_devices": cpu_cores_for(values["batch_size"]) if cores else None, "keep_freed_memory": small}
 
 
 def apply_layout(layout: dict):

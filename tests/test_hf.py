@@ -16,6 +16,8 @@ SHAPES = [
     dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257),
     dict(n_layer=3, n_head=2, n_embd=32, n_positions=64, vocab_size=1000),
     dict(n_layer=1, n_head=8, n_embd=64, n_positions=32, vocab_size=300, layer_norm_epsilon=1e-5),
+    # 507 tokens: the CPU's causal attention by query blocks, the last block short
+    dict(n_layer=2, n_head=2, n_embd=32, n_positions=512, vocab_size=300),
 ]
 
 

@@ -49,6 +49,12 @@ def main():
     p.add_argument("--windows", type=int, default=None, help="first N stride windows (None: all of WikiText-2)")
     p.add_argument("--lambada", type=int, default=None, help="first N LAMBADA examples (None: all 5153)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="padded tokens per forward at most (None: the library's default, 2048 on a CPU; 0: no limit)",
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument(
         "--keep-freed-memory",
@@ -80,7 +86,7 @@ def main():
     requests = stride_requests(ids, 1024, 512, limit=args.windows)
     windows = torch_windows(ids, 1024, 512, len(requests))
     ids_1xN = torch.tensor([ids])
-    scorer = Scorer(params, config, batch_size=args.batch_size)
+    scorer = Scorer(params, config, batch_size=args.batch_size, batch_tokens=args.batch_tokens)
     scorer.score(requests[: args.batch_size])  # compile both shapes outside the timing
     scorer.score(requests[1 : args.batch_size + 1])
     # Interleaved batch by batch (jaxlm, then torch on the same windows), so the VM's drift in speed
@@ -103,14 +109,16 @@ def main():
     malloc = "freed memory kept" if args.keep_freed_memory else "glibc default malloc"
     print(f"wikitext2 stride 512: {len(requests)} windows, {n} tokens scored, interleaved by batch; {malloc}")
     print(
-        f"  jaxlm {args.dtype} batch {args.batch_size}: {jax_s:.1f} s, {n / jax_s:.0f} tok/s, ppl {jax_ppl:.4f}, "
+        f"  jaxlm {args.dtype} batch {args.batch_size} ({scorer.rows_for(1024)} x 1024 tokens per forward): "
+        f"{jax_s:.1f} s, {n / jax_s:.0f} tok/s, ppl {jax_ppl:.4f}, "
         f"{scorer.compiles} compiles"
     )
     print(f"  torch float32 (guide loop, batch 1): {torch_s:.1f} s, {n / torch_s:.0f} tok/s, ppl {torch_ppl:.4f}")
     print(f"  speedup {torch_s / jax_s:.2f}x")
 
     t0 = time.perf_counter()
-    r = lambada(params, config, tok, max_examples=args.lambada, batch_size=args.batch_size)
+    lam = Scorer(params, config, batch_size=args.batch_size, batch_tokens=args.batch_tokens)
+    r = lambada(params, config, tok, max_examples=args.lambada, scorer=lam)
     print(
         f"lambada: {r['examples']} examples in {time.perf_counter() - t0:.1f} s (compiles included: "
         f"{r['compiles']}), acc {r['acc']:.4f}, perplexity {r['perplexity']:.1f}"

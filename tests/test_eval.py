@@ -356,3 +356,28 @@ def test_char_model_gets_bits_per_byte_only(tmp_path, capsys):
     assert wt["stride"] == 32 and wt["windows"] == 5 and wt["tokens_scored"] == 5 * 31
     assert wt["dropped_chars"] > 0  # digits, '@', '=' are not in Shakespeare's alphabet
     assert 0 < wt["bits_per_byte"] < 10 and "token_perplexity" not in wt
+
+
+def test_token_limit_changes_batches_not_scores():
+    """On a CPU a batch holds at most CPU_BATCH_TOKENS padded tokens; the scores stay what wide batches give."""
+    import flax.linen as nn
+
+    from jaxlm.eval.loglik import CPU_BATCH_TOKENS, Request
+
+    config = jaxlm.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=128, vocab_size=97)
+    params = nn.unbox(jaxlm.GPT(config).init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
+    rng = np.random.default_rng(0)
+    reqs = [Request(tuple(rng.integers(0, 97, n + 1).tolist()), min(n, 5)) for n in (128, 100, 60, 30, 20, 9, 3)]
+    capped, wide = (
+        Scorer(params, config, batch_size=8, batch_tokens=64),
+        Scorer(params, config, batch_size=8, batch_tokens=0),
+    )
+    a, b = capped.score(reqs), wide.score(reqs)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x.logprobs, y.logprobs, rtol=1e-5, atol=1e-6)
+        assert (x.greedy == y.greedy).all()
+    assert all(B * T <= 64 or B == 1 for B, T, _ in capped.shapes) and {B for B, *_ in capped.shapes} == {1, 2, 4}
+    assert {B for B, *_ in wide.shapes} == {8}
+    assert Scorer(params, config).batch_tokens == CPU_BATCH_TOKENS  # this machine's default
+    with pytest.raises(ValueError, match="batch_tokens must be >= 0"):
+        Scorer(params, config, batch_tokens=-1)

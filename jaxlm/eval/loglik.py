@@ -8,7 +8,9 @@ this one shape, so one jitted function serves every task.
 Why it is fast on a CPU: requests are sorted by length and batched, the batch padded to a few length
 buckets (powers of two up to the block size), so a whole task compiles a handful of shapes; and the LM
 head (a third of GPT-2 124M's FLOPs at T=1024) runs only on the scored positions, gathered from the
-final hidden states, not on all T. XLA drops the model's own full-width head as dead code.
+final hidden states, not on all T. XLA drops the model's own full-width head as dead code. On a CPU a
+batch also holds at most CPU_BATCH_TOKENS tokens (two 1024-token windows): batches whose activations stay
+in cache score faster there than wide ones.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ def rolling_requests(token_ids, prefix_id: int, block_size: int) -> list[Request
     return out
 
 
+# Measured with GPT-2 124M at 1024 tokens, interleaved: batch 1 or 2 scored ~1.2x faster per token than 8.
+CPU_BATCH_TOKENS = 2048
+
+
 def _buckets(limit: int, smallest: int = 16) -> list[int]:
     sizes, b = [], smallest
     while b < limit:
@@ -98,12 +104,20 @@ def _bucket(n: int, sizes: list[int]) -> int:
 
 
 class Scorer:
-    """Owns the jitted scoring function for one model; `compiles` counts the shapes it compiled."""
+    """Owns the jitted scoring function for one model; `compiles` counts the shapes it compiled.
 
-    def __init__(self, params, config: GPTConfig, batch_size: int = 8):
+    A batch holds up to `batch_size` sequences and, if `batch_tokens` is set, up to that many padded
+    tokens (at least one sequence); None picks CPU_BATCH_TOKENS on a CPU and no token limit elsewhere.
+    """
+
+    def __init__(self, params, config: GPTConfig, batch_size: int = 8, batch_tokens: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.params, self.config, self.batch_size = params, config, batch_size
+        if batch_tokens is not None and batch_tokens < 0:
+            raise ValueError(f"batch_tokens must be >= 0 (0: no limit), got {batch_tokens}")
+        if batch_tokens is None and jax.default_backend() == "cpu":
+            batch_tokens = CPU_BATCH_TOKENS
+        self.params, self.config, self.batch_size, self.batch_tokens = params, config, batch_size, batch_tokens
         self.t_buckets = _buckets(config.block_size)
         self.shapes: set[tuple[int, int, int]] = set()
         self._fn = jax.jit(self._score)
@@ -135,17 +149,24 @@ class Scorer:
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].tokens))
         results: list[Scored | None] = [None] * len(requests)
         pending = []  # one batch in flight while the next is prepared (dispatch is asynchronous)
-        for lo in range(0, len(order), self.batch_size):
-            idx = order[lo : lo + self.batch_size]
-            pending.append((idx, self._dispatch([requests[i] for i in idx])))
+        lo = 0
+        while lo < len(order):  # longest first, so a batch's first request sets its length bucket
+            rows = self.rows_for(len(requests[order[lo]].tokens) - 1)
+            idx, lo = order[lo : lo + rows], lo + rows
+            pending.append((idx, self._dispatch([requests[i] for i in idx], rows)))
             if len(pending) > 1:
                 self._collect(*pending.pop(0), requests, results, progress)
         for item in pending:
             self._collect(*item, requests, results, progress)
         return results
 
-    def _dispatch(self, batch: list[Request]):
-        B = self.batch_size
+    def rows_for(self, n_tokens: int) -> int:
+        """Sequences per batch for inputs of `n_tokens` (before padding to the length bucket)."""
+        if not self.batch_tokens:
+            return self.batch_size
+        return max(1, min(self.batch_size, self.batch_tokens // _bucket(n_tokens, self.t_buckets)))
+
+    def _dispatch(self, batch: list[Request], B: int):
         T = _bucket(max(len(r.tokens) - 1 for r in batch), self.t_buckets)
         H = _bucket(max(r.n_score for r in batch), _buckets(T, smallest=8))
         inputs = np.zeros((B, T), np.int32)  # right padding: causal attention never looks at it

@@ -59,6 +59,16 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+# What a collective's error says when its peer is gone. Orbax's barriers (a save) surface the same
+# Gloo failure as a plain ValueError, not a JaxRuntimeError.
+_PEER_LOSS = ("Gloo", "Connection closed by peer", "Connection reset by peer", "UNAVAILABLE", "heartbeat")
+
+
+def is_peer_loss(e: BaseException) -> bool:
+    """A runtime error from XLA, or another error whose text is a failed collective's."""
+    return isinstance(e, jax.errors.JaxRuntimeError) or any(m in str(e) for m in _PEER_LOSS)
+
+
 @contextlib.contextmanager
 def fail_fast_on_peer_loss():
     """When a collective fails because another process died, say so and exit at once.
@@ -68,8 +78,8 @@ def fail_fast_on_peer_loss():
     """
     try:
         yield
-    except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() == 1:
+    except (jax.errors.JaxRuntimeError, ValueError, RuntimeError) as e:
+        if jax.process_count() == 1 or not is_peer_loss(e):
             raise
         first = str(e).splitlines()[0][:300]
         print(

@@ -101,3 +101,13 @@ def test_dead_peer_makes_the_survivor_exit_with_a_clear_error(tmp_path):
         pytest.fail("the surviving process hung after its peer died")
     assert procs[0].returncode not in (0, None)
     assert "another process" in err and "died" in err
+
+
+def test_a_failed_collective_is_told_from_other_errors():
+    from jaxlm.distributed import is_peer_loss
+
+    # What Orbax's save barrier raised when the peer was killed mid-save (a ValueError, not a JaxRuntimeError).
+    gloo = ValueError("UNKNOWN: Gloo AllGather failed: [gloo/transport/tcp/pair.cc:547] Connection closed by peer")
+    assert is_peer_loss(gloo)
+    assert not is_peer_loss(ValueError("--batch-size must be >= 1"))
+    assert not is_peer_loss(RuntimeError("disk full"))

@@ -87,7 +87,8 @@ def rolling_requests(token_ids, prefix_id: int, block_size: int) -> list[Request
     return out
 
 
-# Measured with GPT-2 124M at 1024 tokens, interleaved: batch 1 or 2 scored ~1.2x faster per token than 8.
+# Measured with GPT-2 124M at 1024 tokens: 2 windows per batch scored 1.05-1.15x faster per token than 8
+# (bench_eval rows 1-2 in the README; a jaxlm-only comparison of batch 1, 2, 4, 8).
 CPU_BATCH_TOKENS = 2048
 
 

@@ -19,7 +19,7 @@ from .attention import attend
 from .config import GPTConfig
 from .model import layer_norm
 
-FUSED_ROWS = 32  # up to this many rows, x @ W.T as a fused multiply-reduce (faster on CPU); beyond, a matmul
+FUSED_ROWS = 32  # float32: up to this many rows, x @ W.T as a fused multiply-reduce (faster on CPU); beyond, a matmul
 
 
 def prepare(params, c: GPTConfig) -> dict:
@@ -63,7 +63,12 @@ def prepare(params, c: GPTConfig) -> dict:
 def _linear(x_xD, w_OxD, b_O=None, out_dtype=None):
     """x @ w.T (+ b) over the last axis, accumulated in float32."""
     x_NxD = x_xD.reshape(-1, x_xD.shape[-1])
-    if 1 < x_NxD.shape[0] <= FUSED_ROWS:
+    n = x_NxD.shape[0]
+    if w_OxD.dtype != jnp.float32:
+        # XLA:CPU's bfloat16 matmul with one row runs ~7x below bandwidth, with two at it: pad, drop the copy.
+        x_NxD = jnp.concatenate([x_NxD, x_NxD]) if n == 1 else x_NxD
+        y_NxO = jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)[:n]
+    elif 1 < n <= FUSED_ROWS:
         # Must be 2-D: XLA's fused loop over a [N, 1, O, D] product runs 50x slower.
         y_NxO = jnp.sum(w_OxD * x_NxD[:, None, :], axis=-1, dtype=jnp.float32)
     else:

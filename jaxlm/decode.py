@@ -5,7 +5,7 @@ bound by memory bandwidth, and the training-shaped model wastes it. Its `nn.scan
 out of the stacked weights (a copy per layer per token), its stacked cache is re-stacked every step,
 and XLA's matmul with a few rows against an [in, out] kernel runs several times below bandwidth.
 Here `prepare` unstacks the layers and stores kernels as [out, in] once; each layer's cache is its
-own [B, H, S, K] buffer, updated in place; a step of 2-32 rows multiplies and reduces in one fused
+own [B, H, S, K] buffer, updated in place; in float32 a step of 2-32 rows multiplies and reduces in one fused
 loop. The math is GPT-2's, and tests/test_generate.py holds it to `GPT.apply` (cache vs recompute).
 """
 
@@ -65,7 +65,8 @@ def _linear(x_xD, w_OxD, b_O=None, out_dtype=None):
     x_NxD = x_xD.reshape(-1, x_xD.shape[-1])
     n = x_NxD.shape[0]
     if w_OxD.dtype != jnp.float32:
-        # XLA:CPU's bfloat16 matmul with one row runs ~7x below bandwidth, with two at it: pad, drop the copy.
+        # XLA:CPU's bfloat16 matmul with one row runs ~7x slower than with two (bench/decode_linear.py), and
+        # the fused form is slower still beyond one row (at one row, inside the step, 50x): pad to two rows.
         x_NxD = jnp.concatenate([x_NxD, x_NxD]) if n == 1 else x_NxD
         y_NxO = jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)[:n]
     elif 1 < n <= FUSED_ROWS:

@@ -43,7 +43,7 @@ def matmul_peak(dtype: str, n: int = 2048, seconds: float = 3.0) -> float:
     return measure_matmul_flops(n, jnp.dtype(dtype), seconds)
 
 
-def run_case(name: str, steps: int | None = None) -> dict:
+def run_case(name: str, steps: int | None = None, batch_size: int | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -55,7 +55,7 @@ def run_case(name: str, steps: int | None = None) -> dict:
     spec = dict(CASES[name])
     preset, steps = spec.pop("config"), steps or spec.pop("steps")
     spec.pop("steps", None)
-    cfg = TrainConfig.preset(preset, **spec)
+    cfg = TrainConfig.preset(preset, **spec, **({"batch_size": batch_size} if batch_size else {}))
     trainer.apply_layout(trainer.host_layout(cfg.to_dict()))  # as train.py does
     ds = data.resolve_dataset(cfg.dataset, cfg.tokenizer)
     config = cfg.model_config(ds.vocab_size)
@@ -112,13 +112,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", choices=sorted(CASES), help="run one case in this process and print JSON")
     p.add_argument("--steps", type=int, help="timed steps (default per case)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default per case), e.g. half of it")
     args = p.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.steps)))
+        print(json.dumps(run_case(args.case, args.steps, args.batch_size)))
         return
     results = []
     for name in CASES:
         cmd = [sys.executable, __file__, "--case", name] + (["--steps", str(args.steps)] if args.steps else [])
+        cmd += ["--batch-size", str(args.batch_size)] if args.batch_size else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), file=sys.stderr)

@@ -67,7 +67,7 @@ def _linear(x_xD, w_OxD, b_O=None, out_dtype=None):
     if w_OxD.dtype != jnp.float32:
         # XLA:CPU's bfloat16 matmul with one row runs ~7x slower than with two (bench/decode_linear.py), and
         # the fused form is slower still beyond one row (at one row, inside the step, 50x): pad to two rows.
-        x_NxD = jnp.concatenate([x_NxD, x_NxD]) if n == 1 else x_NxD
+        x_NxD = jnp.concatenate([x_NxD, x_NxD]) if n == 1 and jax.default_backend() == "cpu" else x_NxD
         y_NxO = jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)[:n]
     elif 1 < n <= FUSED_ROWS:
         # Must be 2-D: XLA's fused loop over a [N, 1, O, D] product runs 50x slower.

@@ -126,6 +126,7 @@ def main():
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     p.add_argument("--hf-flax-python", default=None, help="a Python with transformers 4.57 + flax (None: skip)")
     p.add_argument("--no-beams", action="store_true", help="skip the beam search rows")
+    p.add_argument("--beam-dtypes", default="float32", help="dtypes of the beam search rows, e.g. float32,bfloat16")
     p.add_argument("--model-apply", action="store_true", help="also time the loop through GPT.apply's cache")
     p.add_argument("--n-layer", type=int, default=12, help="GPT-2 124M's; fewer to try the script quickly")
     p.add_argument("--n-embd", type=int, default=768, help="GPT-2 124M's (heads: n_embd / 64)")
@@ -170,18 +171,20 @@ def main():
             same = "-" if theirs is None or dtype != "float32" else ("yes" if theirs == ours else "NO")
             rows.append((f"greedy {dtype}", b, stats, compile_s, torch_tps, flax[0], apply_tps, bound, same))
         del gen
-    if not args.no_beams:
-        gen = Generator(params, config)
+    for dtype in [] if args.no_beams else args.beam_dtypes.split(","):
+        gen = Generator(params, config, dtype=dtype)
         stats, compile_s, ours = bench_jaxlm(gen, 1, args.reps, num_beams=BEAMS, min_new_tokens=NEW, do_sample=False)
         torch_tps, theirs = (None, None)
         if model is not None:
             import torch
 
-            torch_tps, theirs = bench_torch(model, 1, args.reps, args.threads, num_beams=BEAMS)
+            cast = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
+            torch_tps, theirs = bench_torch(cast, 1, args.reps, args.threads, num_beams=BEAMS)
+            del cast
         # tok/s of beam search: returned tokens (batch x new) per second, as for the peers
-        bound = BEAMS * bandwidth / f32_bytes
-        same = "-" if theirs is None else ("yes" if theirs == ours else "NO")
-        rows.append((f"beam {BEAMS} float32", 1, stats, compile_s, torch_tps, None, None, bound / BEAMS, same))
+        bound = BEAMS * bandwidth / (f32_bytes * jnp.dtype(dtype).itemsize // 4)
+        same = "-" if theirs is None or dtype != "float32" else ("yes" if theirs == ours else "NO")
+        rows.append((f"beam {BEAMS} {dtype}", 1, stats, compile_s, torch_tps, None, None, bound / BEAMS, same))
 
     versions = f"jax {jax.__version__}"
     if model is not None:

@@ -5,8 +5,9 @@ bound by memory bandwidth, and the training-shaped model wastes it. Its `nn.scan
 out of the stacked weights (a copy per layer per token), its stacked cache is re-stacked every step,
 and XLA's matmul with a few rows against an [in, out] kernel runs several times below bandwidth.
 Here `prepare` unstacks the layers and stores kernels as [out, in] once; each layer's cache is its
-own [B, H, S, K] buffer, updated in place; in float32 a step of 2-32 rows multiplies and reduces in one fused
-loop. The math is GPT-2's, and tests/test_generate.py holds it to `GPT.apply` (cache vs recompute).
+own [B, H, S, K] buffer, updated in place; in float32 a step of 2-32 rows multiplies and reduces in one
+fused loop (bfloat16 always takes the matmul: see `_linear`). The math is GPT-2's, and
+tests/test_generate.py holds it to `GPT.apply` (cache vs recompute).
 """
 
 from __future__ import annotations

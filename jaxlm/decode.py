@@ -64,17 +64,16 @@ def prepare(params, c: GPTConfig) -> dict:
 def _linear(x_xD, w_OxD, b_O=None, out_dtype=None):
     """x @ w.T (+ b) over the last axis, accumulated in float32."""
     x_NxD = x_xD.reshape(-1, x_xD.shape[-1])
-    n = x_NxD.shape[0]
-    if w_OxD.dtype != jnp.float32:
-        # XLA:CPU's bfloat16 matmul with one row runs ~7x slower than with two (bench/decode_linear.py), and
-        # the fused form is slower still beyond one row (at one row, inside the step, 50x): pad to two rows.
-        x_NxD = jnp.concatenate([x_NxD, x_NxD]) if n == 1 and jax.default_backend() == "cpu" else x_NxD
-        y_NxO = jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)[:n]
-    elif 1 < n <= FUSED_ROWS:
+    n, f32 = x_NxD.shape[0], w_OxD.dtype == jnp.float32
+    if f32 and 1 < n <= FUSED_ROWS:
         # Must be 2-D: XLA's fused loop over a [N, 1, O, D] product runs 50x slower.
         y_NxO = jnp.sum(w_OxD * x_NxD[:, None, :], axis=-1, dtype=jnp.float32)
     else:
-        y_NxO = jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)
+        # bfloat16 always lands here: its fused form is the slower one beyond one row (bench/decode_linear.py,
+        # and 50x inside the step at one row), and XLA:CPU's one-row bf16 matmul runs ~7x slower than two rows.
+        if not f32 and n == 1 and jax.default_backend() == "cpu":
+            x_NxD = jnp.concatenate([x_NxD, x_NxD])
+        y_NxO = jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)[:n]
     y_xO = y_NxO.astype(out_dtype or x_xD.dtype).reshape(*x_xD.shape[:-1], -1)
     return y_xO if b_O is None else y_xO + b_O
 

@@ -381,3 +381,32 @@ def test_token_limit_changes_batches_not_scores():
     assert Scorer(params, config).batch_tokens == CPU_BATCH_TOKENS  # this machine's default
     with pytest.raises(ValueError, match="batch_tokens must be >= 0"):
         Scorer(params, config, batch_tokens=-1)
+
+
+def test_head_chunks_and_first_max_equal_logsumexp_and_argmax():
+    """Row chunks (with a padded last chunk) and the first-index-of-the-max test give exactly what
+    jax.nn.logsumexp and jnp.argmax give, ties included (argmax takes the first of equal maxima)."""
+    import jax.numpy as jnp
+
+    from jaxlm.eval.head import CPU_HEAD_ROWS, head_rows_for_backend, score_targets
+
+    rng = np.random.default_rng(0)
+    N, D, V = 300, 16, 1000  # 300 rows: full chunks of 64 or 128 and a padded one
+    hidden = rng.standard_normal((N, D)).astype(np.float32)
+    wte = rng.standard_normal((V, D)).astype(np.float32)
+    wte[7] = wte[3]  # rows whose max is at 3 hold it at 7 too: argmax says 3, never 7
+    hidden[40:50] = 10 * wte[3]
+    logits = hidden @ wte.T
+    targets = rng.integers(0, V, N).astype(np.int32)
+    am = logits.argmax(-1)
+    targets[:40] = am[:40]  # some targets are the argmax
+    tied = np.flatnonzero(am == 3)
+    targets[tied] = 7
+    want_lp = np.asarray(jnp.take_along_axis(logits, targets[:, None], -1)[:, 0] - jax.nn.logsumexp(logits, -1))
+    want_greedy = np.asarray(jnp.argmax(logits, -1)) == targets
+    assert len(tied) >= 10 and want_greedy.sum() >= 30 and not want_greedy[tied].any()
+    assert head_rows_for_backend() == CPU_HEAD_ROWS
+    for rows in (None, 128, 64):
+        lp, greedy = jax.jit(score_targets, static_argnums=3)(hidden, wte, targets, rows)
+        np.testing.assert_allclose(np.asarray(lp), want_lp, rtol=1e-6, atol=1e-5)
+        assert (np.asarray(greedy) == want_greedy).all()

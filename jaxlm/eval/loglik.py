@@ -23,6 +23,7 @@ import numpy as np
 
 from ..config import GPTConfig
 from ..model import GPT
+from .head import head_rows_for_backend, score_targets
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class Scorer:
         if batch_tokens is None and jax.default_backend() == "cpu":
             batch_tokens = CPU_BATCH_TOKENS
         self.params, self.config, self.batch_size, self.batch_tokens = params, config, batch_size, batch_tokens
+        self.head_rows = head_rows_for_backend()
         self.t_buckets = _buckets(config.block_size)
         self.shapes: set[tuple[int, int, int]] = set()
         self._fn = jax.jit(self._score)
@@ -139,11 +141,11 @@ class Scorer:
         hidden_BxTxD = state["intermediates"]["ln_f"]["__call__"][0]
         hidden_BxHxD = jnp.take_along_axis(hidden_BxTxD, index_BxH[..., None], axis=1)
         wte_VxD = params["wte"]["embedding"].astype(c.dtype)
-        logits_BxHxV = jnp.einsum("bhd,vd->bhv", hidden_BxHxD, wte_VxD, preferred_element_type=jnp.float32)
-        logz_BxH = jax.nn.logsumexp(logits_BxHxV, axis=-1)
-        picked_BxH = jnp.take_along_axis(logits_BxHxV, targets_BxH[..., None], axis=-1)[..., 0]
-        greedy_BxH = jnp.argmax(logits_BxHxV, axis=-1) == targets_BxH
-        return picked_BxH - logz_BxH, greedy_BxH
+        B, H = targets_BxH.shape
+        logprob_N, greedy_N = score_targets(
+            hidden_BxHxD.reshape(B * H, -1), wte_VxD, targets_BxH.reshape(-1), self.head_rows
+        )
+        return logprob_N.reshape(B, H), greedy_N.reshape(B, H)
 
     def score(self, requests: list[Request], progress=None) -> list[Scored]:
         """Score every request; results in the order given. `progress(n)` is called per batch."""

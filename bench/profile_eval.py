@@ -23,7 +23,7 @@ from profile_train import _hlo_ops
 
 GROUPS = (  # (group, substring of the op_name metadata), first match wins
     ("attention: q k^T, mask, softmax, p v", ("bhts", "bhtk", "_where", "attn/reduce", "attn/exp", "attn/div")),
-    ("LM head on scored positions", ("bhd,vd",)),
+    ("LM head on scored positions", ("vd,nd",)),
     ("c_attn (q, k, v)", ("c_attn",)),
     ("c_proj (attention out, MLP out)", ("c_proj",)),
     ("c_fc + GELU", ("c_fc", "mlp/")),

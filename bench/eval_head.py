@@ -4,9 +4,11 @@
     python bench/eval_head.py                # 512 and 1024 scored rows (one and two stride-512 windows)
     python bench/eval_head.py --rows 512 --rounds 9
 
-Forms: "plain" is the textbook one ([N, V] logits, jax.nn.logsumexp, jnp.argmax); "jaxlm, rows R" is
-`jaxlm.eval.head.score_targets` with R rows per chunk (what the scorer uses on a CPU: CPU_HEAD_ROWS),
-"jaxlm, one piece" the same without chunks. Prints the median ms per call of each.
+Forms: "plain" is the textbook one ([N, V] logits, jax.nn.logsumexp, jnp.argmax); "jaxlm, vocab C" is
+`jaxlm.eval.head.score_targets` as the scorer runs it on a CPU (groups of CPU_HEAD_ROWS rows) with C
+vocabulary entries per chunk (the scorer's: CPU_VOCAB_CHUNK); "jaxlm, rows 64" the previous CPU form
+(row chunks of 64, each against the whole vocabulary); "jaxlm, one piece" no chunks at all. Prints the
+median ms per call of each.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="512,1024", help="comma-separated scored-row counts")
-    p.add_argument("--chunks", default="32,64,128,256", help="comma-separated rows per chunk")
+    p.add_argument("--chunks", default="512,1024,2048", help="comma-separated vocabulary entries per chunk")
     p.add_argument("--rounds", type=int, default=5, help="timed calls of each form (alternated)")
     args = p.parse_args()
 
@@ -27,7 +29,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxlm.eval.head import CPU_HEAD_ROWS, score_targets
+    from jaxlm.eval.head import CPU_HEAD_ROWS, CPU_VOCAB_CHUNK, score_targets
 
     D, V = 768, 50257
     rng = np.random.default_rng(0)
@@ -38,10 +40,17 @@ def main():
         picked_N = jnp.take_along_axis(logits_NxV, t_N[:, None], -1)[:, 0]
         return picked_N - jax.nn.logsumexp(logits_NxV, -1), jnp.argmax(logits_NxV, -1) == t_N
 
-    forms = {"plain": jax.jit(plain), "jaxlm, one piece": jax.jit(lambda h, w, t: score_targets(h, w, t, None))}
-    for r in (int(x) for x in args.chunks.split(",")):
-        forms[f"jaxlm, rows {r}"] = jax.jit(lambda h, w, t, r=r: score_targets(h, w, t, r))
-    print(f"{jax.default_backend()}, {jax.device_count()} device(s); the scorer's CPU chunk: {CPU_HEAD_ROWS} rows")
+    forms = {
+        "plain": jax.jit(plain),
+        "jaxlm, one piece": jax.jit(lambda h, w, t: score_targets(h, w, t, None)),
+        "jaxlm, rows 64": jax.jit(lambda h, w, t: score_targets(h, w, t, 64, w.shape[0])),
+    }
+    for c in (int(x) for x in args.chunks.split(",")):
+        forms[f"jaxlm, vocab {c}"] = jax.jit(lambda h, w, t, c=c: score_targets(h, w, t, CPU_HEAD_ROWS, c))
+    print(
+        f"{jax.default_backend()}, {jax.device_count()} device(s); the scorer's CPU form: "
+        f"groups of {CPU_HEAD_ROWS} rows, {CPU_VOCAB_CHUNK} vocabulary entries per chunk"
+    )
     for n in (int(x) for x in args.rows.split(",")):
         h_NxD = jnp.asarray(rng.standard_normal((n, D)).astype(np.float32))
         t_N = jnp.asarray(rng.integers(0, V, n).astype(np.int32))

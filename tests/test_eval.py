@@ -384,8 +384,9 @@ def test_token_limit_changes_batches_not_scores():
 
 
 def test_head_chunks_and_first_max_equal_logsumexp_and_argmax():
-    """Row chunks (with a padded last chunk) and the first-index-of-the-max test give exactly what
-    jax.nn.logsumexp and jnp.argmax give, ties included (argmax takes the first of equal maxima)."""
+    """Row groups (with a padded last group), vocabulary chunks (with a shorter last chunk, or none) and
+    the first-index-of-the-max test give what jax.nn.logsumexp and jnp.argmax give, ties included, within
+    a chunk and across chunks (argmax takes the first of equal maxima)."""
     import jax.numpy as jnp
 
     from jaxlm.eval.head import CPU_HEAD_ROWS, head_rows_for_backend, score_targets
@@ -394,7 +395,7 @@ def test_head_chunks_and_first_max_equal_logsumexp_and_argmax():
     N, D, V = 300, 16, 1000  # 300 rows: full chunks of 64 or 128 and a padded one
     hidden = rng.standard_normal((N, D)).astype(np.float32)
     wte = rng.standard_normal((V, D)).astype(np.float32)
-    wte[7] = wte[3]  # rows whose max is at 3 hold it at 7 too: argmax says 3, never 7
+    wte[7] = wte[900] = wte[3]  # rows whose max is at 3 hold it at 7 and 900 too: argmax says 3
     hidden[40:50] = 10 * wte[3]
     logits = hidden @ wte.T
     targets = rng.integers(0, V, N).astype(np.int32)
@@ -402,11 +403,14 @@ def test_head_chunks_and_first_max_equal_logsumexp_and_argmax():
     targets[:40] = am[:40]  # some targets are the argmax
     tied = np.flatnonzero(am == 3)
     targets[tied] = 7
+    targets[tied[::2]] = 900
+    targets[tied[1::4]] = 3
     want_lp = np.asarray(jnp.take_along_axis(logits, targets[:, None], -1)[:, 0] - jax.nn.logsumexp(logits, -1))
     want_greedy = np.asarray(jnp.argmax(logits, -1)) == targets
-    assert len(tied) >= 10 and want_greedy.sum() >= 30 and not want_greedy[tied].any()
+    assert len(tied) >= 10 and want_greedy.sum() >= 30 and (want_greedy[tied] == (targets[tied] == 3)).all()
     assert head_rows_for_backend() == CPU_HEAD_ROWS
-    for rows in (None, 128, 64):
-        lp, greedy = jax.jit(score_targets, static_argnums=3)(hidden, wte, targets, rows)
-        np.testing.assert_allclose(np.asarray(lp), want_lp, rtol=1e-6, atol=1e-5)
-        assert (np.asarray(greedy) == want_greedy).all()
+    forms = [(None, 128), (128, 128), (64, 250), (512, 128), (512, 250), (512, 1000)]
+    for rows, chunk in forms:
+        lp, greedy = jax.jit(score_targets, static_argnums=(3, 4))(hidden, wte, targets, rows, chunk)
+        np.testing.assert_allclose(np.asarray(lp), want_lp, rtol=1e-6, atol=1e-5, err_msg=f"{rows}, {chunk}")
+        assert (np.asarray(greedy) == want_greedy).all(), (rows, chunk)

@@ -1,10 +1,12 @@
 """Scored positions against the tied LM head: log p(target) and whether the target is the argmax.
 
-On a CPU the rows go through the head in chunks of CPU_HEAD_ROWS. XLA:CPU's row reductions over a
-vocabulary-long row slow down about 5x once one call holds 256 rows or more (the sum of exp over
-[256, 50257] runs at 2.4 ns per element, over [128, 50257] at 0.48), and a chunk's logits stay in
-cache between the matmul and the reductions instead of making a round trip through memory. GPT-2's
-head on 512 scored rows (`python bench/eval_head.py`): 397 ms in the plain form, 270 in chunks of 64.
+On a CPU, more than CPU_ONE_PIECE_ROWS rows go through the head a vocabulary chunk at a time
+(CPU_VOCAB_CHUNK entries, a running max, sum of exp and first argmax), in groups of at most CPU_HEAD_ROWS
+rows. Each chunk's [C, N] logits stay in cache between the product and the reductions instead of a
+[V, N] round trip through memory, and no reduction runs along a vocabulary-long row (XLA:CPU's slow
+down ~5x per element from 256 such rows per call). GPT-2's head, `python bench/eval_head.py`: 512 rows
+223 ms in vocabulary chunks, 278 in row chunks of 64 (the previous form), 372 in the plain form; few
+rows stream the weights once either way and stay in one piece.
 """
 
 from __future__ import annotations
@@ -12,34 +14,75 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-CPU_HEAD_ROWS = 64
+CPU_VOCAB_CHUNK = 1024
+CPU_HEAD_ROWS = 512
+CPU_ONE_PIECE_ROWS = 64
+_NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def head_rows_for_backend() -> int | None:
     return CPU_HEAD_ROWS if jax.default_backend() == "cpu" else None
 
 
-def _score_rows(hidden_NxD, wte_VxD, targets_N):
-    # Logits as [V, N]: XLA:CPU runs this product ~1.4x faster than the [N, V] one at these shapes, and
-    # the reductions over V then run down columns, vectorised across the rows.
-    logits_VxN = jnp.einsum("vd,nd->vn", wte_VxD, hidden_NxD, preferred_element_type=jnp.float32)
-    max_N = jnp.max(logits_VxN, axis=0)
-    logz_N = max_N + jnp.log(jnp.sum(jnp.exp(logits_VxN - max_N), axis=0))
-    picked_N = jnp.take_along_axis(logits_VxN, targets_N[None, :], axis=0)[0]
+def _chunk_stats(logits_CxN, offset):
     # argmax as the first index that holds the max: one plain min-reduction, where jnp.argmax's
     # (value, index) reduction is the slower loop on a CPU. Same answer for any finite logits.
-    V = logits_VxN.shape[0]
-    first_N = jnp.min(jnp.where(logits_VxN == max_N, jnp.arange(V, dtype=jnp.int32)[:, None], V), axis=0)
-    return picked_N - logz_N, first_N == targets_N
+    C = logits_CxN.shape[0]
+    max_N = jnp.max(logits_CxN, axis=0)
+    first_N = jnp.min(jnp.where(logits_CxN == max_N, jnp.arange(C, dtype=jnp.int32)[:, None], C), axis=0)
+    return max_N, first_N + offset
 
 
-def score_targets(hidden_NxD, wte_VxD, targets_N, rows: int | None = None):
-    """(log-probability [N] float32, target is the argmax [N] bool); `rows` per chunk, None: all at once."""
+def _merge(carry, logits_CxN, offset):
+    """Running (max, sum of exp(logit - max), first argmax) after one more chunk of the vocabulary."""
+    max_N, sum_N, first_N = carry
+    cmax_N, cfirst_N = _chunk_stats(logits_CxN, offset)
+    new_N = jnp.maximum(max_N, cmax_N)
+    sum_N = sum_N * jnp.exp(max_N - new_N) + jnp.sum(jnp.exp(logits_CxN - new_N), axis=0)
+    return new_N, sum_N, jnp.where(cmax_N > max_N, cfirst_N, first_N)  # ">": ties keep the earlier index
+
+
+def _logits(wte_CxD, hidden_NxD):
+    # Logits as [V, N]: XLA:CPU runs this product ~1.4x faster than the [N, V] one at these shapes, and
+    # the reductions over V then run down columns, vectorised across the rows.
+    return jnp.einsum("vd,nd->vn", wte_CxD, hidden_NxD, preferred_element_type=jnp.float32)
+
+
+def _score_rows(hidden_NxD, wte_VxD, targets_N, chunk: int | None):
+    V, N = wte_VxD.shape[0], hidden_NxD.shape[0]
+    if chunk is None or V <= chunk:
+        logits_VxN = _logits(wte_VxD, hidden_NxD)
+        max_N, first_N = _chunk_stats(logits_VxN, 0)
+        logz_N = max_N + jnp.log(jnp.sum(jnp.exp(logits_VxN - max_N), axis=0))
+        picked_N = jnp.take_along_axis(logits_VxN, targets_N[None, :], axis=0)[0]
+        return picked_N - logz_N, first_N == targets_N
+
+    def step(carry, k):
+        wte_CxD = jax.lax.dynamic_slice_in_dim(wte_VxD, k * chunk, chunk, 0)
+        return _merge(carry, _logits(wte_CxD, hidden_NxD), k * chunk), None
+
+    full = V // chunk
+    init = (jnp.full((N,), _NEG), jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.int32))
+    carry, _ = jax.lax.scan(step, init, jnp.arange(full))
+    if V % chunk:
+        carry = _merge(carry, _logits(wte_VxD[full * chunk :], hidden_NxD), full * chunk)
+    max_N, sum_N, first_N = carry
+    picked_N = jnp.einsum("nd,nd->n", hidden_NxD, wte_VxD[targets_N], preferred_element_type=jnp.float32)
+    return picked_N - (max_N + jnp.log(sum_N)), first_N == targets_N
+
+
+def score_targets(hidden_NxD, wte_VxD, targets_N, rows: int | None = None, vocab_chunk: int = CPU_VOCAB_CHUNK):
+    """(log-probability [N] float32, target is the argmax [N] bool). `rows`: None scores all rows in one
+    piece (GPU/TPU); otherwise the CPU form above, groups of at most `rows` rows, `vocab_chunk` entries."""
     N = hidden_NxD.shape[0]
-    if rows is None or N <= rows:
-        return _score_rows(hidden_NxD, wte_VxD, targets_N)
+    if rows is None or N <= CPU_ONE_PIECE_ROWS:
+        return _score_rows(hidden_NxD, wte_VxD, targets_N, None)
+    if N <= rows:
+        return _score_rows(hidden_NxD, wte_VxD, targets_N, vocab_chunk)
     pad = -N % rows
     hidden_KxRxD = jnp.pad(hidden_NxD, ((0, pad), (0, 0))).reshape(-1, rows, hidden_NxD.shape[1])
     targets_KxR = jnp.pad(targets_N, (0, pad)).reshape(-1, rows)
-    logprob_KxR, greedy_KxR = jax.lax.map(lambda xs: _score_rows(xs[0], wte_VxD, xs[1]), (hidden_KxRxD, targets_KxR))
+    logprob_KxR, greedy_KxR = jax.lax.map(
+        lambda xs: _score_rows(xs[0], wte_VxD, xs[1], vocab_chunk), (hidden_KxRxD, targets_KxR)
+    )
     return logprob_KxR.reshape(-1)[:N], greedy_KxR.reshape(-1)[:N]

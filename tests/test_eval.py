@@ -290,6 +290,41 @@ def test_cli_allocator_choice_changes_no_number(model, tmp_path, capsys):
     assert reports[0] == reports[1] and reports[0]["examples"] == 3
 
 
+@pytest.mark.parametrize("model", ["L2H2D32T64"], indirect=True)
+def test_cli_adapter_scores_the_model_peft_merges(model, tmp_path, capsys):
+    """--adapter DIR (written by peft's save_pretrained) scores what peft's own merge_and_unload gives,
+    and not the base."""
+    import peft
+    import transformers
+
+    *_, path = model
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel.from_pretrained(path)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    reports = {}
+    for name, argv in {
+        "adapter": [path, "--adapter", tmp_path / "adapter"],
+        "merged": [tmp_path / "merged"],
+        "base": [path],
+    }.items():
+        out = tmp_path / f"{name}.json"
+        rc, _, err = cli(capsys, *argv, "--task", "wikitext2,lambada", "--max-examples", 3, "--output", out)
+        assert rc == 0, err
+        reports[name] = json.loads(out.read_text())["tasks"]
+    for task, key in (("wikitext2", "token_perplexity"), ("lambada", "perplexity")):
+        got, want, base_value = (reports[n][task][key] for n in ("adapter", "merged", "base"))
+        assert abs(got - want) <= 1e-4 * want and abs(base_value - want) > 1e-3 * want, (task, got, want, base_value)
+    assert reports["adapter"]["lambada"]["acc"] == reports["merged"]["lambada"]["acc"]
+    rc, _, err = cli(capsys, path, "--adapter", tmp_path / "missing", "--task", "lambada")
+    assert rc == 2 and err.startswith("error: ") and "missing" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

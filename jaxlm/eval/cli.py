@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import loader
+from .. import loader, peft_io
 from ..allocator import keep_freed_memory
 from ..config import DTYPES
 from ..errors import JaxlmError
@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="what jaxlm.load accepts: an HF hub id or directory, a jaxlm checkpoint, a run dir")
     p.add_argument(
         "file", nargs="?", default=None, help="the data file of the one --task given (same as --task NAME=FILE)"
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="a Hugging Face PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) for "
+        "SOURCE, merged into it before scoring (None: SOURCE as it is)",
     )
     p.add_argument(
         "--task",
@@ -102,7 +108,9 @@ def main(argv=None) -> int:
     if not args.return_freed_memory:
         keep_freed_memory()  # before the weights load: XLA:CPU's per-call buffers then stop page-faulting
 
-    config, params, tok_spec = loader.load_with_tokenizer(args.source, dtype=args.dtype)
+    if args.adapter:
+        peft_io.check_adapter(args.adapter)  # a bad adapter fails before the base is loaded
+    config, params, tok_spec = loader.load_with_tokenizer(args.source, adapter=args.adapter, dtype=args.dtype)
     tokenizer = from_spec(tok_spec)
     kept = runnable(chosen, tokenizer, explicit)
     skipped = [t.name for t, _ in chosen if all(k is not t for k, _ in kept)]

@@ -50,20 +50,18 @@ def _logits(wte_CxD, hidden_NxD):
 
 def _score_rows(hidden_NxD, wte_VxD, targets_N, chunk: int | None):
     V, N = wte_VxD.shape[0], hidden_NxD.shape[0]
-    if chunk is None or V <= chunk:
-        logits_VxN = _logits(wte_VxD, hidden_NxD)
-        max_N, first_N = _chunk_stats(logits_VxN, 0)
-        logz_N = max_N + jnp.log(jnp.sum(jnp.exp(logits_VxN - max_N), axis=0))
-        picked_N = jnp.take_along_axis(logits_VxN, targets_N[None, :], axis=0)[0]
-        return picked_N - logz_N, first_N == targets_N
+    chunk = V if chunk is None else min(chunk, V)
 
     def step(carry, k):
         wte_CxD = jax.lax.dynamic_slice_in_dim(wte_VxD, k * chunk, chunk, 0)
         return _merge(carry, _logits(wte_CxD, hidden_NxD), k * chunk), None
 
     full = V // chunk
-    init = (jnp.full((N,), _NEG), jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.int32))
-    carry, _ = jax.lax.scan(step, init, jnp.arange(full))
+    carry = (jnp.full((N,), _NEG), jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.int32))
+    if full == 1:  # one piece: no loop
+        carry, _ = step(carry, 0)
+    else:
+        carry, _ = jax.lax.scan(step, carry, jnp.arange(full))
     if V % chunk:
         carry = _merge(carry, _logits(wte_VxD[full * chunk :], hidden_NxD), full * chunk)
     max_N, sum_N, first_N = carry

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from . import sft, textfiles
 from .atomic import publish_dir
+from .cache import cache_dir
 from .cli import run_cli
 from .errors import JaxlmError
 from .tokenizer import CharTokenizer, get_tokenizer
@@ -129,13 +130,6 @@ def open_dataset(path) -> TokenData:
         arr = np.memmap(f, dtype=np.uint16, mode="r") if expected else np.zeros(0, np.uint16)
         arrays[split] = np.array(arr) if f.stat().st_size <= IN_MEMORY_BYTES else arr
     return TokenData(arrays["train"], arrays["val"], meta, path)
-
-
-def cache_dir() -> Path:
-    """Where datasets prepared on first use live: $JAXLM_CACHE, else $XDG_CACHE_HOME/jaxlm, else ~/.cache/jaxlm."""
-    if os.environ.get("JAXLM_CACHE"):
-        return Path(os.environ["JAXLM_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxlm"
 
 
 def bundled_shakespeare() -> Path:

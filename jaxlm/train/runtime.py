@@ -17,7 +17,8 @@ from pathlib import Path
 import jax
 
 from ..allocator import keep_freed_memory  # noqa: F401  (re-exported: jaxlm.train.keep_freed_memory)
-from ..data import BUILTIN, META_FILE, cache_dir
+from ..cache import cache_dir
+from ..data import BUILTIN, META_FILE
 from ..tokenizer import GPT2_EOT_ID
 
 RUNTIME_FILE = "runtime.json"

@@ -9,7 +9,8 @@ beam search with 4 beams, jaxlm against PyTorch (float32, batch 1). jaxlm's toke
 loop's (batch x steps / time; compile and prefill excluded, both reported); the peers' is the whole
 `generate` call (their prefill of 8 tokens is about one step). The bandwidth bound is the parameter
 bytes read per step over a measured read bandwidth (a jitted sum of a 512 MB array); a row at a
-large fraction of it is bandwidth-bound, one far below it compute-bound.
+large fraction of it is bandwidth-bound, one far below it compute-bound. JAXLM_NATIVE=0 times decoding
+without jaxlm's native kernels (XLA's products), as on a CPU without AVX-512.
 """
 
 from __future__ import annotations
@@ -194,6 +195,9 @@ def main():
         versions += f", torch {torch.__version__} ({args.threads} threads), transformers {transformers.__version__}"
     print(f"{datetime.date.today()} | {_cpu_name()}, {os.cpu_count()} cores | load average {os.getloadavg()[0]:.1f}")
     print(versions)
+    for dtype in dtypes:
+        why = jaxlm.native.unavailable(dtype)
+        print(f"{dtype} decode products: {'jaxlm.native kernel' if why is None else f'XLA ({why})'}")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step {f32_bytes / 1e6:.0f} MB (float32)\n")
     print(
         "| decode | batch | jaxlm tok/s | ms/step | of bandwidth bound | PyTorch tok/s | HF Flax tok/s | vs best "

@@ -2,12 +2,15 @@
 
     python bench/decode_linear.py                       # float32 and bfloat16, 1, 2, 8 and 32 rows
     python bench/decode_linear.py --dtypes bfloat16 --rows 1,8
+    python bench/decode_linear.py --rows 1,8,32,64,128 --forms matmul,jaxlm,native
 
 Each row times one jitted program that applies all 48 kernels ([out, in], the decode layout) to their own
 inputs, each product behind an optimization barrier so XLA cannot fuse it into a neighbour, and prints the
 median ms and the weight bytes read per second. Forms: "matmul" (einsum, float32 accumulation), "fused"
-(a multiply-reduce, products in float32) and "jaxlm" (whatever `decode._linear` picks for that dtype and
-row count). A decode step of the 124M model reads these kernels plus the 50257 x 768 head.
+(a multiply-reduce, products in float32), "jaxlm" (whatever `decode._linear` picks for that dtype and
+row count on unpacked weights: XLA's forms) and "native" (`jaxlm.native`'s AVX-512 kernel on packed
+weights, which decoding uses where it runs). A decode step of the 124M model reads these kernels plus
+the 50257 x 768 head.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxlm import decode
+from jaxlm import decode, native
 
 D = 768
 KERNELS = [(3 * D, D), (D, D), (4 * D, D), (D, 4 * D)] * 12  # qkv, attn proj, fc, mlp proj; 12 layers
@@ -30,6 +33,8 @@ FORMS = {
     "matmul": lambda x, w: jnp.einsum("nd,od->no", x, w, preferred_element_type=jnp.float32),
     "fused": lambda x, w: jnp.sum(w.astype(jnp.float32) * x[:, None, :].astype(jnp.float32), axis=-1),
     "jaxlm": lambda x, w: decode._linear(x, w, out_dtype=jnp.float32),
+    # jaxlm.native's kernel on weights packed as decode.prepare packs them
+    "native": lambda x, w: native.linear(x, w, 16 * w.shape[0]),
 }
 
 
@@ -37,6 +42,8 @@ def time_form(form, dtype: str, rows: int, reps: int) -> float:
     """Median ms of one program applying `form` to every kernel."""
     rng = np.random.default_rng(0)
     ws = [jnp.asarray(rng.standard_normal(s) * 0.02, dtype) for s in KERNELS]
+    if form is FORMS["native"]:
+        ws = [jnp.asarray(native.pack(np.asarray(w))) for w in ws]
     xs = [jnp.asarray(rng.standard_normal((rows, s[1])), dtype) for s in KERNELS]
 
     @jax.jit
@@ -66,6 +73,8 @@ def main():
         nbytes = sum(o * i for o, i in KERNELS) * jnp.dtype(dtype).itemsize
         for rows in map(int, args.rows.split(",")):
             for name in args.forms.split(","):
+                if name == "native" and native.unavailable(dtype):
+                    continue
                 ms = time_form(FORMS[name], dtype, rows, args.reps)
                 print(f"| {dtype} | {rows} | {name} | {ms:.2f} | {nbytes / ms / 1e6:.1f} |", flush=True)
 

@@ -1,6 +1,6 @@
 """jaxlm: GPT-2 in JAX/Flax. The public API."""
 
-from . import eval, lora  # jaxlm.eval: wikitext2, lambada, hellaswag, tasks; jaxlm.lora
+from . import eval, lora, native  # jaxlm.eval (wikitext2, lambada, hellaswag, tasks), jaxlm.lora, jaxlm.native
 from .checkpoint import load_run
 from .config import PRESETS, TRAIN_PRESETS, GPTConfig, TrainConfig
 from .errors import JaxlmError
@@ -39,6 +39,7 @@ __all__ = [
     "load_with_tokenizer",
     "logical_axes",
     "lora",
+    "native",
     "lora_combine",
     "lora_loss",
     "save",

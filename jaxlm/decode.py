@@ -6,8 +6,9 @@ out of the stacked weights (a copy per layer per token), its stacked cache is re
 and XLA's matmul with a few rows against an [in, out] kernel runs several times below bandwidth.
 Here `prepare` unstacks the layers and stores kernels as [out, in] once; each layer's cache is its
 own [B, H, S, K] buffer, updated in place; in float32 a step of 2-32 rows multiplies and reduces in one
-fused loop (bfloat16 always takes the matmul: see `_linear`). The math is GPT-2's, and
-tests/test_generate.py holds it to `GPT.apply` (cache vs recompute).
+fused loop; in bfloat16 on a CPU with AVX-512 BF16 kernels are packed for `jaxlm.native`'s kernel (else
+bf16 takes XLA's matmul: see `_linear`). The math is GPT-2's, and tests/test_generate.py holds it to
+`GPT.apply` (cache vs recompute).
 """
 
 from __future__ import annotations
@@ -16,66 +17,82 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import native
 from .attention import attend
 from .config import GPTConfig
 from .model import layer_norm
 
 FUSED_ROWS = 32  # float32: up to this many rows, x @ W.T as a fused multiply-reduce (faster on CPU); beyond, a matmul
+NATIVE_ROWS = 64  # bfloat16 packed: up to this many rows the native kernel; beyond (a long prefill), XLA's matmul
 
 
 def prepare(params, c: GPTConfig) -> dict:
     """Decode-layout weights in the compute dtype: per-layer dicts, kernels [out, in] (one copy).
 
     Done in numpy (zero-copy views of CPU arrays): as one XLA program, its ~100 slices and
-    transposes took about 4 s to compile for the 124M model.
+    transposes took about 4 s to compile for the 124M model. Where `native.usable`, the kernels and
+    wte are stored packed ([O/16, D/2, 16, 2]); `_linear` and `_embed` tell by their rank.
     """
     dtype = jnp.dtype(c.dtype)
+    packed = native.usable(dtype)
     h = jax.tree.map(np.asarray, jax.device_get(params["h"]))
     a, m = h["attn"], h["mlp"]
     L, D = a["c_attn"]["kernel"].shape[:2]
 
-    def put(x, transpose=False):
-        x = x.T if transpose else x
+    def put(x):
         return jax.device_put(np.ascontiguousarray(x, dtype=dtype))
+
+    def kernel(w_OxD):
+        w_OxD = np.asarray(w_OxD, dtype)
+        return jax.device_put(native.pack(w_OxD) if packed else np.ascontiguousarray(w_OxD))
 
     def layer(i):
         return {
             "ln_1": {k: put(x[i]) for k, x in h["ln_1"].items()},
             "ln_2": {k: put(x[i]) for k, x in h["ln_2"].items()},
-            "qkv_w": put(a["c_attn"]["kernel"][i].reshape(D, 3 * D), True),
+            "qkv_w": kernel(a["c_attn"]["kernel"][i].reshape(D, 3 * D).T),
             "qkv_b": put(a["c_attn"]["bias"][i].reshape(3 * D)),
-            "proj_w": put(a["c_proj"]["kernel"][i], True),
+            "proj_w": kernel(a["c_proj"]["kernel"][i].T),
             "proj_b": put(a["c_proj"]["bias"][i]),
-            "fc_w": put(m["c_fc"]["kernel"][i], True),
+            "fc_w": kernel(m["c_fc"]["kernel"][i].T),
             "fc_b": put(m["c_fc"]["bias"][i]),
-            "out_w": put(m["c_proj"]["kernel"][i], True),
+            "out_w": kernel(m["c_proj"]["kernel"][i].T),
             "out_b": put(m["c_proj"]["bias"][i]),
         }
 
-    rest = jax.tree.map(lambda x: put(np.asarray(x)), jax.device_get({k: params[k] for k in ("wte", "wpe", "ln_f")}))
+    rest = jax.tree.map(lambda x: put(np.asarray(x)), jax.device_get({k: params[k] for k in ("wpe", "ln_f")}))
     return {
-        "wte": rest["wte"]["embedding"],
+        "wte": kernel(jax.device_get(params["wte"]["embedding"])),  # the head's [out, in] as it is
         "wpe": rest["wpe"]["embedding"],
         "ln_f": rest["ln_f"],
         "layers": [layer(i) for i in range(L)],
     }
 
 
-def _linear(x_xD, w_OxD, b_O=None, out_dtype=None):
-    """x @ w.T (+ b) over the last axis, accumulated in float32."""
+def _linear(x_xD, w_OxD, b_O=None, out_dtype=None, n_out=None):
+    """x @ w.T (+ b) over the last axis, accumulated in float32. A packed w (`native.pack`) has `n_out`
+    (else the bias's length) outputs."""
     x_NxD = x_xD.reshape(-1, x_xD.shape[-1])
-    n, f32 = x_NxD.shape[0], w_OxD.dtype == jnp.float32
-    if f32 and 1 < n <= FUSED_ROWS:
-        # Must be 2-D: XLA's fused loop over a [N, 1, O, D] product runs 50x slower.
-        y_NxO = jnp.sum(w_OxD * x_NxD[:, None, :], axis=-1, dtype=jnp.float32)
-    else:
-        # bfloat16 always lands here: its fused form is the slower one beyond one row (bench/decode_linear.py,
-        # and 50x inside the step at one row), and XLA:CPU's one-row bf16 matmul runs ~7x slower than two rows.
-        if not f32 and n == 1 and jax.default_backend() == "cpu":
-            x_NxD = jnp.concatenate([x_NxD, x_NxD])
-        y_NxO = jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)[:n]
+    y_NxO = _products(x_NxD, w_OxD, n_out or (None if b_O is None else b_O.shape[0]))
     y_xO = y_NxO.astype(out_dtype or x_xD.dtype).reshape(*x_xD.shape[:-1], -1)
     return y_xO if b_O is None else y_xO + b_O
+
+
+def _products(x_NxD, w_OxD, n_out):
+    (n, D), f32 = x_NxD.shape, w_OxD.dtype == jnp.float32
+    if w_OxD.ndim > 2:
+        if n <= NATIVE_ROWS:
+            return native.linear(x_NxD, w_OxD, n_out)
+        w_OxD = native.unpack(w_OxD, n_out, D)  # many rows: XLA's matmul is faster (bench/decode_linear.py)
+    if f32 and 1 < n <= FUSED_ROWS:
+        # Must be 2-D: XLA's fused loop over a [N, 1, O, D] product runs 50x slower.
+        return jnp.sum(w_OxD * x_NxD[:, None, :], axis=-1, dtype=jnp.float32)
+    # bfloat16 without the native kernel lands here: its fused form is the slower one beyond one row
+    # (bench/decode_linear.py, and 50x inside the step at one row), and XLA:CPU's one-row bf16 matmul
+    # runs ~7x slower than two rows.
+    if not f32 and n == 1 and jax.default_backend() == "cpu":
+        x_NxD = jnp.concatenate([x_NxD, x_NxD])
+    return jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)[:n]
 
 
 def _ln(c: GPTConfig, p, x):
@@ -94,7 +111,13 @@ def _qkv(c: GPTConfig, p, x_BxTxD):
 
 
 def _head(c: GPTConfig, dp, x_BxD):
-    return _linear(_ln(c, dp["ln_f"], x_BxD), dp["wte"], out_dtype=jnp.float32)
+    return _linear(_ln(c, dp["ln_f"], x_BxD), dp["wte"], out_dtype=jnp.float32, n_out=c.vocab_size)
+
+
+def _embed(c: GPTConfig, dp, tokens, positions):
+    wte = dp["wte"]
+    tok = native.rows(wte, tokens, c.n_embd) if wte.ndim > 2 else wte[tokens]
+    return (tok + dp["wpe"][positions]).astype(c.dtype)
 
 
 def prefill(dp, tokens_BxT, positions_BxT, valid_BxT, *, c: GPTConfig):
@@ -103,7 +126,7 @@ def prefill(dp, tokens_BxT, positions_BxT, valid_BxT, *, c: GPTConfig):
     `valid_BxT` is False at padding, which no real token attends to.
     """
     T = tokens_BxT.shape[1]
-    x_BxTxD = (dp["wte"][tokens_BxT] + dp["wpe"][positions_BxT]).astype(c.dtype)
+    x_BxTxD = _embed(c, dp, tokens_BxT, positions_BxT)
     mask_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & valid_BxT[:, None, :]
     kv = []
     for p in dp["layers"]:
@@ -122,7 +145,7 @@ def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig):
     `slot` that are valid (`valid_BxS` is False at its left padding).
     """
     B, S = valid_BxS.shape
-    x_Bx1xD = (dp["wte"][tokens_B] + dp["wpe"][positions_B]).astype(c.dtype)[:, None]
+    x_Bx1xD = _embed(c, dp, tokens_B, positions_B)[:, None]
     mask_Bx1xS = (valid_BxS & (jnp.arange(S) <= slot))[:, None]
     zero = jnp.zeros((), jnp.int32)
     new_cache = []

@@ -6,9 +6,9 @@ out of the stacked weights (a copy per layer per token), its stacked cache is re
 and XLA's matmul with a few rows against an [in, out] kernel runs several times below bandwidth.
 Here `prepare` unstacks the layers and stores kernels as [out, in] once; each layer's cache is its
 own [B, H, S, K] buffer, updated in place; in float32 a step of 2-32 rows multiplies and reduces in one
-fused loop; in bfloat16 on a CPU with AVX-512 BF16 kernels are packed for `jaxlm.native`'s kernel (else
-bf16 takes XLA's matmul: see `_linear`). The math is GPT-2's, and tests/test_generate.py holds it to
-`GPT.apply` (cache vs recompute).
+fused loop. On an x86-64 CPU with AVX-512 (float32; bfloat16 also needs AVX-512 BF16) the kernels are
+packed instead for `jaxlm.native`'s kernels, which a step's products then take (see `_products`). The
+math is GPT-2's, and tests/test_generate.py holds it to `GPT.apply` (cache vs recompute).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .config import GPTConfig
 from .model import layer_norm
 
 FUSED_ROWS = 32  # float32: up to this many rows, x @ W.T as a fused multiply-reduce (faster on CPU); beyond, a matmul
-NATIVE_ROWS = 64  # bfloat16 packed: up to this many rows the native kernel; beyond (a long prefill), XLA's matmul
+NATIVE_ROWS = 64  # packed weights: up to this many rows the native kernel; beyond (a long prefill), XLA's matmul
 
 
 def prepare(params, c: GPTConfig) -> dict:
@@ -31,7 +31,7 @@ def prepare(params, c: GPTConfig) -> dict:
 
     Done in numpy (zero-copy views of CPU arrays): as one XLA program, its ~100 slices and
     transposes took about 4 s to compile for the 124M model. Where `native.usable`, the kernels and
-    wte are stored packed ([O/16, D/2, 16, 2]); `_linear` and `_embed` tell by their rank.
+    wte are stored packed (`native.pack`, rank 3 or 4); `_linear` and `_embed` tell by their rank.
     """
     dtype = jnp.dtype(c.dtype)
     packed = native.usable(dtype)

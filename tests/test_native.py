@@ -10,6 +10,8 @@ import jaxlm
 from jaxlm import decode, native
 
 STATE = native.probe()
+PREFILL = jax.jit(decode.prefill, static_argnames="c")
+STEP = jax.jit(decode.step, static_argnames="c")
 DTYPES = ["float32", "bfloat16"]
 
 
@@ -80,11 +82,11 @@ def _step_logits(c, params, dtype):
     tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]], np.int32)
     P, S = 5, 8
     pos = np.broadcast_to(np.arange(8, dtype=np.int32), tokens.shape)
-    logits, kv = decode.prefill(dp, tokens[:, :P], pos[:, :P], np.ones((2, P), bool), c=c16)
+    logits, kv = PREFILL(dp, tokens[:, :P], pos[:, :P], np.ones((2, P), bool), c=c16)
     cache = [tuple(jnp.zeros((2, c.n_head, S, c.head_dim), k.dtype).at[:, :, :P].set(k) for k in layer) for layer in kv]
     out = [logits]
     for t in range(P, 8):
-        logits, cache = decode.step(dp, tokens[:, t], pos[:, t], cache, t, np.ones((2, S), bool), c=c16)
+        logits, cache = STEP(dp, tokens[:, t], pos[:, t], cache, t, np.ones((2, S), bool), c=c16)
         out.append(logits)
     return dp, np.stack([np.asarray(x, np.float32) for x in out])
 
@@ -119,11 +121,11 @@ def _greedy(dp, c, prompt, n):
     """Greedy tokens one row at a time through decode.prefill / decode.step (no padding, no loop)."""
     P, S = len(prompt), len(prompt) + n
     pos = np.arange(S, dtype=np.int32)[None]
-    logits, kv = decode.prefill(dp, np.array([prompt], np.int32), pos[:, :P], np.ones((1, P), bool), c=c)
+    logits, kv = PREFILL(dp, np.array([prompt], np.int32), pos[:, :P], np.ones((1, P), bool), c=c)
     cache = [tuple(jnp.zeros((1, c.n_head, S, c.head_dim), k.dtype).at[:, :, :P].set(k) for k in layer) for layer in kv]
     out = [int(jnp.argmax(logits[0]))]
     for t in range(P, S - 1):
-        logits, cache = decode.step(dp, np.array([out[-1]]), pos[:, t], cache, t, np.ones((1, S), bool), c=c)
+        logits, cache = STEP(dp, np.array([out[-1]]), pos[:, t], cache, t, np.ones((1, S), bool), c=c)
         out.append(int(jnp.argmax(logits[0])))
     return out
 

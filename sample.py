@@ -3,7 +3,7 @@
 import sys
 
 from jaxlm.cli import run_cli
-from jaxlm.sample import main
+from jaxlm.generation.cli import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

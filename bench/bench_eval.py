@@ -63,7 +63,7 @@ def main():
     )
     args = p.parse_args()
     if args.keep_freed_memory:
-        from jaxlm.allocator import keep_freed_memory
+        from jaxlm.cpu.allocator import keep_freed_memory
 
         keep_freed_memory()
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxlm
-from jaxlm.generate import Generator
+from jaxlm.generation.generator import Generator
 
 PROMPT, NEW = 8, 128
 BEAMS = 4
@@ -196,8 +196,8 @@ def main():
     print(f"{datetime.date.today()} | {_cpu_name()}, {os.cpu_count()} cores | load average {os.getloadavg()[0]:.1f}")
     print(versions)
     for dtype in dtypes:
-        why = jaxlm.native.unavailable(dtype)
-        print(f"{dtype} decode products: {'jaxlm.native kernel' if why is None else f'XLA ({why})'}")
+        why = jaxlm.cpu.native.unavailable(dtype)
+        print(f"{dtype} decode products: {'jaxlm.cpu.native kernel' if why is None else f'XLA ({why})'}")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step {f32_bytes / 1e6:.0f} MB (float32)\n")
     print(
         "| decode | batch | jaxlm tok/s | ms/step | of bandwidth bound | PyTorch tok/s | HF Flax tok/s | vs best "

@@ -35,10 +35,11 @@ def run_case(case: str, size: str, steps: int, batch: int) -> dict:
     import numpy as np
 
     import jaxlm.train as trainer
-    from jaxlm import lora, sharding
+    from jaxlm import lora
     from jaxlm.config import TrainConfig
     from jaxlm.model import init_params
-    from jaxlm.train import lora as train_lora
+    from jaxlm.parallel import sharding
+    from jaxlm.train import adapters as train_lora
 
     shape = SIZES[size]
     cfg = TrainConfig(
@@ -62,11 +63,11 @@ def run_case(case: str, size: str, steps: int, batch: int) -> dict:
             state = trainer.new_state(config, tx, shardings, cfg.seed)
         else:
             lc = lora.LoraConfig(rank=8, alpha=16, targets=("c_attn",))
-            _, shardings = train_lora.layout(config, lc, tx, mesh)
-            loss_fn, combine = train_lora.seam(config, lc)
+            _, shardings = train_lora.lora_layout(config, lc, tx, mesh)
+            loss_fn, combine = train_lora.lora_seam(config, lc)
             step_fn = trainer.jit_train_step(loss_fn, tx, trainer.lr_schedule(cfg), shardings, mesh, combine)
             base = jax.jit(lambda k: init_params(config, k), out_shardings=shardings["frozen"])(jax.random.key(0))
-            state = train_lora.new_state(config, lc, tx, shardings, cfg.seed, base)
+            state = train_lora.new_lora_state(config, lc, tx, shardings, cfg.seed, base)
             del base
         opt_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state["opt_state"]))
         trainable = lora.count(state["params"])

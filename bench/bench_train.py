@@ -49,8 +49,9 @@ def run_case(name: str, steps: int | None = None, batch_size: int | None = None)
     import numpy as np
 
     import jaxlm.train as trainer
-    from jaxlm import data, sharding
+    from jaxlm import data
     from jaxlm.config import TrainConfig
+    from jaxlm.parallel import sharding
 
     spec = dict(CASES[name])
     preset, steps = spec.pop("config"), steps or spec.pop("steps")

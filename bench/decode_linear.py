@@ -1,4 +1,4 @@
-"""Why `jaxlm.decode._linear` takes the form it takes: x @ W.T over GPT-2 124M's 48 layer kernels, by form.
+"""Why `jaxlm.generation.decode._linear` takes the form it takes: x @ W.T over GPT-2 124M's 48 layer kernels, by form.
 
     python bench/decode_linear.py                       # float32 and bfloat16, 1, 2, 8 and 32 rows
     python bench/decode_linear.py --dtypes bfloat16 --rows 1,8
@@ -8,7 +8,7 @@ Each row times one jitted program that applies all 48 kernels ([out, in], the de
 inputs, each product behind an optimization barrier so XLA cannot fuse it into a neighbour, and prints the
 median ms and the weight bytes read per second. Forms: "matmul" (einsum, float32 accumulation), "fused"
 (a multiply-reduce, products in float32), "jaxlm" (whatever `decode._linear` picks for that dtype and
-row count on unpacked weights: XLA's forms) and "native" (`jaxlm.native`'s AVX-512 kernel on packed
+row count on unpacked weights: XLA's forms) and "native" (`jaxlm.cpu.native`'s AVX-512 kernel on packed
 weights, which decoding uses where it runs). A decode step of the 124M model reads these kernels plus
 the 50257 x 768 head.
 """
@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxlm import decode, native
+from jaxlm.cpu import native
+from jaxlm.generation import decode
 
 D = 768
 KERNELS = [(3 * D, D), (D, D), (4 * D, D), (D, 4 * D)] * 12  # qkv, attn proj, fc, mlp proj; 12 layers
@@ -33,7 +34,7 @@ FORMS = {
     "matmul": lambda x, w: jnp.einsum("nd,od->no", x, w, preferred_element_type=jnp.float32),
     "fused": lambda x, w: jnp.sum(w.astype(jnp.float32) * x[:, None, :].astype(jnp.float32), axis=-1),
     "jaxlm": lambda x, w: decode._linear(x, w, out_dtype=jnp.float32),
-    # jaxlm.native's kernel on weights packed as decode.prepare packs them
+    # jaxlm.cpu.native's kernel on weights packed as decode.prepare packs them
     "native": lambda x, w: native.linear(x, w, 16 * w.shape[0]),
 }
 

@@ -5,7 +5,7 @@
     python bench/eval_head.py --rows 512 --rounds 9
 
 Forms: "plain" is the textbook one ([N, V] logits, jax.nn.logsumexp, jnp.argmax); "jaxlm, vocab C" is
-`jaxlm.eval.head.score_targets` as the scorer runs it on a CPU (groups of CPU_HEAD_ROWS rows) with C
+`jaxlm.cpu.eval_head.score_targets` as the scorer runs it on a CPU (groups of CPU_HEAD_ROWS rows) with C
 vocabulary entries per chunk (the scorer's: CPU_VOCAB_CHUNK); "jaxlm, rows 64" the previous CPU form
 (row chunks of 64, each against the whole vocabulary); "jaxlm, one piece" no chunks at all. Prints the
 median ms per call of each.
@@ -29,7 +29,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxlm.eval.head import CPU_HEAD_ROWS, CPU_VOCAB_CHUNK, score_targets
+    from jaxlm.cpu.eval_head import CPU_HEAD_ROWS, CPU_VOCAB_CHUNK, score_targets
 
     D, V = 768, 50257
     rng = np.random.default_rng(0)

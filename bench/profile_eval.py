@@ -47,7 +47,7 @@ def main():
     p.add_argument("--batches", type=int, default=3, help="traced batches")
     args = p.parse_args()
 
-    from jaxlm.allocator import keep_freed_memory
+    from jaxlm.cpu.allocator import keep_freed_memory
 
     keep_freed_memory()
     import flax.linen as nn
@@ -100,7 +100,7 @@ def attention_alone(c, jax, jnp):
     an explicit mask takes) against PyTorch's fused CPU kernel."""
     import torch
 
-    from jaxlm.attention import attend
+    from jaxlm.model.attention import attend
 
     shape = (1, c.n_head, c.block_size, c.n_embd // c.n_head)
     q = jax.random.normal(jax.random.key(0), shape)

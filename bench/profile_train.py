@@ -103,8 +103,9 @@ def main():
     import numpy as np
 
     import jaxlm.train as trainer
-    from jaxlm import data, sharding
+    from jaxlm import data
     from jaxlm.config import TrainConfig
+    from jaxlm.parallel import sharding
 
     cfg = TrainConfig.preset(args.config, dataset=args.dataset)
     config = cfg.model_config(data.resolve_dataset(cfg.dataset, cfg.tokenizer).vocab_size)

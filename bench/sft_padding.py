@@ -3,7 +3,7 @@
     python bench/sft_padding.py [--block-size 1024] [--batch 8] [--steps 500]
 
 Prepares each bundled task file (../shared/data) with its template (--truncate left) and draws `--steps`
-train batches of [1, batch] rows with jaxlm.sft.get_batch, once with the default bucket ladder and once
+train batches of [1, batch] rows with jaxlm.data.sft.get_batch, once with the default bucket ladder and once
 with the single bucket block_size. No timing: the numbers are counts, the same on any machine.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm import sft
+from jaxlm.data import sft
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FILES = [

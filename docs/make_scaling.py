@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from jaxlm.config import GPTConfig
-from jaxlm.memory import GiB, training_memory
+from jaxlm.parallel.memory import GiB, training_memory
 
 MODELS = [("gpt2", "124M"), ("gpt2-medium", "355M"), ("gpt2-large", "774M"), ("gpt2-xl", "1.5B")]
 SEQ = 1024

@@ -1,17 +1,17 @@
-"""jaxlm: GPT-2 in JAX/Flax. The public API."""
+"""jaxlm: GPT-2 in JAX/Flax. The public API (every name here is documented in docs/python-api.md)."""
 
-from . import eval, lora, native  # jaxlm.eval (wikitext2, lambada, hellaswag, tasks), jaxlm.lora, jaxlm.native
-from .checkpoint import load_run
+from . import eval, lora
 from .config import PRESETS, TRAIN_PRESETS, GPTConfig, TrainConfig
+from .cpu import native
 from .errors import JaxlmError
-from .generate import GenerateStats, Generator, generate
-from .hf import to_hf
-from .loader import load, load_lora, load_with_tokenizer, save
-from .lora import LoraConfig
-from .lora_loss import combine as lora_combine
-from .lora_loss import lora_loss
+from .generation.generator import GenerateStats, Generator, generate
+from .io.hf import to_hf
+from .io.load import load, load_lora, load_with_tokenizer, save
+from .io.runs import load_run
+from .lora import LoraConfig, load_adapter, save_adapter
 from .model import GPT, cross_entropy, init_cache, init_params, logical_axes
-from .peft_io import load_adapter, save_adapter
+from .model.loss import combine as lora_combine
+from .model.loss import lora_loss
 from .tokenizer import CharTokenizer, GPT2Tokenizer, get_tokenizer
 
 __all__ = [

@@ -18,7 +18,7 @@ def _field(default, help: str):
 class GPTConfig:
     """GPT-2 architecture plus how it is computed (dtypes, scan, remat).
 
-    Field names follow nanoGPT; `jaxlm.hf` maps them to HF's `n_positions`, `layer_norm_epsilon`, ...
+    Field names follow nanoGPT; `jaxlm.io.hf` maps them to HF's `n_positions`, `layer_norm_epsilon`, ...
     """
 
     vocab_size: int = _field(50257, "vocabulary size")

@@ -2,7 +2,7 @@
 
     python tests/sharded_sample.py MESH[:sampled] [MESH[:sampled] ...]
 
-Generates with one tiny random model on one device (the `jaxlm.decode` path), then on each mesh
+Generates with one tiny random model on one device (the `jaxlm.generation.decode` path), then on each mesh
 (`Generator(..., mesh=...)`): greedy on a batch of 4, and with ":sampled" also a seeded draw on a
 batch of 3 (which data=2 does not divide). Prints one JSON line: "RESULT {...}" with the tokens of each, the
 first device's shard shapes of some params and of the KV cache, and what streamed.
@@ -15,8 +15,8 @@ import jax
 import numpy as np
 
 import jaxlm
-from jaxlm import sharding
-from jaxlm.generate import EXECUTABLES, Generator
+from jaxlm.generation.generator import EXECUTABLES, Generator
+from jaxlm.parallel import sharding
 
 # n_head 8 splits over tensor=8; vocab 100 splits over tensor 2 and 4 but stays whole for 8.
 CONFIG = jaxlm.GPTConfig(vocab_size=100, block_size=64, n_layer=2, n_head=8, n_embd=64)

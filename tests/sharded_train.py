@@ -17,8 +17,8 @@ import jax
 import numpy as np
 
 import jaxlm.train as trainer
-from jaxlm import sharding
 from jaxlm.config import GPTConfig, TrainConfig
+from jaxlm.parallel import sharding
 
 TINY = dict(
     n_layer=2,

@@ -11,7 +11,7 @@ from helpers import run_py
 
 PROBE = """
 import ctypes, sys
-from jaxlm.allocator import keep_freed_memory
+from jaxlm.cpu.allocator import keep_freed_memory
 if sys.argv[1] == "keep":
     keep_freed_memory()
 

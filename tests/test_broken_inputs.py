@@ -15,8 +15,9 @@ from helpers import run_py, save_random_hf
 from safetensors.numpy import load_file, save_file
 
 import jaxlm
-from jaxlm import convert, sample
 from jaxlm.cli import run_cli
+from jaxlm.generation import cli as sample
+from jaxlm.io import convert
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=16, n_positions=16, vocab_size=50)
 

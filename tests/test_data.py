@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from jaxlm import data, textfiles
+from jaxlm import data
 from jaxlm.cli import run_cli
+from jaxlm.data import textfiles
 from jaxlm.errors import JaxlmError
 from jaxlm.tokenizer import GPT2Tokenizer, from_spec
 

@@ -7,8 +7,8 @@ import pytest
 from faults import assert_user_error, run_limited, small_disk, snapshot
 
 import jaxlm
-from jaxlm import convert
 from jaxlm.cli import run_cli
+from jaxlm.io import convert
 
 LIMIT = 4096  # bytes per file: config and metadata fit, the weights do not
 

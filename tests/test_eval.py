@@ -424,7 +424,7 @@ def test_head_chunks_and_first_max_equal_logsumexp_and_argmax():
     a chunk and across chunks (argmax takes the first of equal maxima)."""
     import jax.numpy as jnp
 
-    from jaxlm.eval.head import CPU_HEAD_ROWS, head_rows_for_backend, score_targets
+    from jaxlm.cpu.eval_head import CPU_HEAD_ROWS, head_rows_for_backend, score_targets
 
     rng = np.random.default_rng(0)
     N, D, V = 300, 16, 1000  # 300 rows: full chunks of 64 or 128 and a padded one

@@ -17,8 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxlm
-from jaxlm import convert, data, sample
+from jaxlm import data
 from jaxlm.cli import run_cli
+from jaxlm.generation import cli as sample
+from jaxlm.io import convert
 
 FUZZ = settings(
     derandomize=True,

@@ -8,9 +8,9 @@ import torch
 from helpers import run_py, save_random_hf
 
 import jaxlm
-from jaxlm import decode
-from jaxlm.generate import Generator, generate
-from jaxlm.sampling import Sampling, next_tokens, row_keys
+from jaxlm.generation import decode
+from jaxlm.generation.generator import Generator, generate
+from jaxlm.generation.sampling import Sampling, next_tokens, row_keys
 
 EOT = 50256
 # initializer_range 0.5: random weights whose greedy text does not collapse into one repeated token.

@@ -9,8 +9,8 @@ from helpers import run_py, save_random_hf
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import jaxlm
-from jaxlm.generate import Generator
-from jaxlm.sampling import Sampling, warped_logits
+from jaxlm.generation.generator import Generator
+from jaxlm.generation.sampling import Sampling, warped_logits
 
 # Two shapes; initializer_range 0.5 keeps random greedy text from collapsing into one token; with a
 # small vocabulary the EOS ids below end some beams within the 20 steps (the tests assert it).
@@ -182,7 +182,7 @@ def test_bfloat16_keeps_weights_and_kv_cache_in_bf16():
     assert {x.dtype for x in jax.tree.leaves(gen.dparams)} == {jax.numpy.dtype("bfloat16")}
     out = gen([[1, 2, 3]], max_new_tokens=5, temperature=0, eos_id=None)
     assert len(out[0]) == 5
-    from jaxlm.generate import EXECUTABLES
+    from jaxlm.generation.generator import EXECUTABLES
 
     loop = next(e for k, e in EXECUTABLES.items() if k[0] == "sample_loop" and dict(k[3:])["path"].c == gen.config)
     assert "bf16[1,2,72,16]" in loop.as_text()  # the per-layer [B, H, S, K] cache

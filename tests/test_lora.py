@@ -18,9 +18,10 @@ import transformers
 from helpers import run_py, save_random_hf
 
 import jaxlm
-from jaxlm import convert, lora
+from jaxlm import lora
 from jaxlm.cli import run_cli
-from jaxlm.sample import main as sample_main
+from jaxlm.generation.cli import main as sample_main
+from jaxlm.io import convert
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)
 TOKENS = np.random.default_rng(0).integers(0, 50257, (2, 12))
@@ -144,7 +145,7 @@ def test_step_zero_equals_base_exactly_and_only_adapters_train(base):
         mask: jax.Array | None
 
     batch = Batch(jnp.asarray(TOKENS), None)
-    loss_fn = jaxlm.lora_loss(config.replace(dropout=0.0), lc)  # the HF base has dropout 0.1
+    loss_fn = jaxlm.model.loss(config.replace(dropout=0.0), lc)  # the HF base has dropout 0.1
     loss, aux = jax.jit(loss_fn)(jaxlm.lora_combine(adapters, params), batch, jax.random.key(0))
     logits = _jax_logits(config, params)
     assert float(loss) == float(jaxlm.cross_entropy(logits[:, :-1], TOKENS[:, 1:])) and float(aux["tokens"]) == 22

@@ -19,10 +19,13 @@ from helpers import shared_cache  # noqa: F401 (autouse fixture)
 
 import jaxlm
 import jaxlm.train as trainer
-from jaxlm import checkpoint, convert, hf, lora, sharding
+from jaxlm import lora
 from jaxlm.cli import run_cli
 from jaxlm.config import GPTConfig, TrainConfig
-from jaxlm.sample import main as sample_main
+from jaxlm.generation.cli import main as sample_main
+from jaxlm.io import convert, hf
+from jaxlm.io import runs as run_checkpoints
+from jaxlm.parallel import sharding
 
 MODEL = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32)
 TINY = dict(batch_size=4, block_size=32, warmup_iters=2, lr_decay_iters=6, learning_rate=1e-2, eval_iters=2)
@@ -61,8 +64,8 @@ def test_resume_is_bit_exact_and_checkpoints_hold_adapters_only(runs):
     a, b = root / "a", root / "b"
     assert rows(a, "loss") == rows(b, "loss") and len(rows(a, "loss")) == 6
     assert rows(a, "val_loss") == rows(b, "val_loss")
-    config, lc, adapters_a, record, tok = checkpoint.load_run_adapters(a)
-    _, _, adapters_b, _, _ = checkpoint.load_run_adapters(b)
+    config, lc, adapters_a, record, tok = run_checkpoints.load_run_adapters(a)
+    _, _, adapters_b, _, _ = run_checkpoints.load_run_adapters(b)
     jax.tree.map(np.testing.assert_array_equal, adapters_a, adapters_b)
     assert lc == lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=("c_attn", "c_proj", "c_fc"))
     assert record == {"source": str((root / "base").resolve()), "fingerprint": lora.fingerprint(base)}

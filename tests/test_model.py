@@ -138,7 +138,7 @@ def test_bad_config_is_a_clear_error(fields, message):
 
 @pytest.mark.parametrize("T", [256, 300, 517])
 def test_blocked_causal_attention_matches_one_product(T):
-    from jaxlm import attention
+    from jaxlm.model import attention
 
     assert attention._blocked_pays(T, T)  # the path long causal sequences take on the CPU
     q, k, v, g = (jax.random.normal(key, (2, 3, T, 16)) for key in jax.random.split(jax.random.key(T), 4))

@@ -104,7 +104,7 @@ def test_dead_peer_makes_the_survivor_exit_with_a_clear_error(tmp_path):
 
 
 def test_a_failed_collective_is_told_from_other_errors():
-    from jaxlm.distributed import is_peer_loss
+    from jaxlm.parallel.distributed import is_peer_loss
 
     # What Orbax's save barrier raised when the peer was killed mid-save (a ValueError, not a JaxRuntimeError).
     gloo = ValueError("UNKNOWN: Gloo AllGather failed: [gloo/transport/tcp/pair.cc:547] Connection closed by peer")

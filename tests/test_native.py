@@ -1,4 +1,4 @@
-"""jaxlm.native: the CPU decode kernels equal a float32 matmul of the same numbers, decode through them
+"""jaxlm.cpu.native: the CPU decode kernels equal a float32 matmul of the same numbers, decode through them
 stays as close to float32 as XLA's path, and without them decoding falls back."""
 
 import jax
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import jaxlm
-from jaxlm import decode, native
+from jaxlm.cpu import native
+from jaxlm.generation import decode
 
 STATE = native.probe()
 PREFILL = jax.jit(decode.prefill, static_argnames="c")
@@ -76,7 +77,7 @@ def test_packed_rows_are_the_embedding_rows(dtype):
 
 
 def _step_logits(c, params, dtype):
-    """Logits of a prefill of 5 tokens then 3 steps through jaxlm.decode in `dtype`, [4, B, V]."""
+    """Logits of a prefill of 5 tokens then 3 steps through jaxlm.generation.decode in `dtype`, [4, B, V]."""
     c16 = c.replace(dtype=dtype, param_dtype=dtype)
     dp = decode.prepare(params, c16)
     tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]], np.int32)

@@ -10,7 +10,7 @@ from helpers import run_py, save_random_hf
 
 import jaxlm
 from jaxlm.cli import run_cli
-from jaxlm.sample import SEPARATOR, StreamPrinter, build_parser, main
+from jaxlm.generation.cli import SEPARATOR, StreamPrinter, build_parser, main
 from jaxlm.tokenizer import CharTokenizer, GPT2Tokenizer
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)

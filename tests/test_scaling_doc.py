@@ -4,7 +4,7 @@ import pytest
 from helpers import ROOT, run_py
 
 import jaxlm
-from jaxlm.memory import sharded_param_elements, training_memory
+from jaxlm.parallel.memory import sharded_param_elements, training_memory
 
 
 def test_scaling_doc_is_current():

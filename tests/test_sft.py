@@ -1,4 +1,4 @@
-"""jaxlm.sft (prompt/completion data, masks, batches), jaxlm.templates and jaxlm.eval's task scoring."""
+"""jaxlm.data.sft (prompt/completion data, masks, batches), jaxlm.data.templates and jaxlm.eval's task scoring."""
 
 import json
 import os
@@ -8,10 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import GPTConfig, cross_entropy, data, generate, init_params, sft, templates
+from jaxlm import GPTConfig, cross_entropy, data, init_params
 from jaxlm.cli import run_cli
+from jaxlm.data import sft, templates
 from jaxlm.errors import JaxlmError
 from jaxlm.eval import metrics, tasks
+from jaxlm.generation import generator as generate
 from jaxlm.tokenizer import GPT2Tokenizer
 
 # ../shared/data beside the clone (as CI has it); JAXLM_SHARED_DATA points elsewhere (e.g. from a git worktree)

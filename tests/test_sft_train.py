@@ -14,10 +14,11 @@ import pytest
 from helpers import shared_cache  # noqa: F401 (autouse fixture)
 
 import jaxlm.train as trainer
-from jaxlm import GPT, init_params, sft
+from jaxlm import GPT, init_params
 from jaxlm.cli import run_cli
 from jaxlm.config import GPTConfig, TrainConfig
 from jaxlm.data import main as data_main
+from jaxlm.data import sft
 from jaxlm.eval.tasks import run_task
 from jaxlm.tokenizer import from_spec
 

@@ -9,9 +9,9 @@ import pytest
 from helpers import FIXTURE, ROOT, run_py
 
 import jaxlm
-from jaxlm import loader
 from jaxlm.cli import run_cli
-from jaxlm.sample import SEPARATOR, build_parser, main
+from jaxlm.generation.cli import SEPARATOR, build_parser, main
+from jaxlm.io import load as loader
 from jaxlm.tokenizer import CharTokenizer
 
 # 8 simulated devices; LLVM optimisation off: a third less compile time, and both paths compile alike.

@@ -7,7 +7,7 @@ import pytest
 from helpers import ROOT, run_py
 
 import jaxlm
-from jaxlm import sharding
+from jaxlm.parallel import sharding
 
 MESHES = ["data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2"]
 LORA_MESH = "lora:fsdp=4,tensor=2"  # a LoRA run (adapters sharded by the same rules table) on the richest mesh

@@ -19,7 +19,7 @@ import jaxlm.train as trainer
 from jaxlm.cli import run_cli
 from jaxlm.config import TrainConfig
 from jaxlm.errors import JaxlmError
-from jaxlm.flags import parse_train_args, train_arg_parser
+from jaxlm.train.flags import parse_train_args, train_arg_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_FIXTURE = ROOT / "tests" / "fixtures" / "fake_gpt2_random"

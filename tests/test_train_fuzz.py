@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import jaxlm.train as trainer
 from jaxlm.cli import run_cli
-from jaxlm.flags import train_arg_parser
+from jaxlm.train.flags import train_arg_parser
 
 FLAGS = sorted(o for a in train_arg_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help")
 # Flags whose any value would leave the tiny, local, quick run (multi-process jobs wait for peers; a

@@ -13,8 +13,8 @@ import numpy as np
 
 import jaxlm
 import jaxlm.train as trainer
-from jaxlm import sharding
 from jaxlm.config import TrainConfig
+from jaxlm.parallel import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, warmup_iters=2, eval_iters=2)
@@ -29,13 +29,13 @@ def test_freezing_all_but_ln_f_trains_ln_f_only():
     shapes, shardings = trainer.model_layout(config, tx, mesh, only_ln_f)
     with sharding.activate(mesh):
         state = trainer.new_state(config, tx, shardings, seed=0, trainable=only_ln_f)
-        before = jax.tree.map(np.asarray, jaxlm.tree.combine(state["params"], state["frozen"]))
+        before = jax.tree.map(np.asarray, jaxlm.utils.tree.combine(state["params"], state["frozen"]))
         step = jax.jit(trainer.make_train_step(config, tx, trainer.lr_schedule(cfg)))
         tokens = jax.random.randint(jax.random.key(1), (1, 4, 33), 0, 65)
         for _ in range(3):
             state, metrics = step(state, tokens)
     assert set(state["params"]) == {"ln_f"} and "ln_f" not in state["frozen"]
-    after = jaxlm.tree.combine(state["params"], state["frozen"])
+    after = jaxlm.utils.tree.combine(state["params"], state["frozen"])
     flat_before, flat_after = _flat(before), _flat(after)
     changed = {p for p in flat_before if not np.array_equal(flat_before[p], flat_after[p])}
     assert changed == {"ln_f/scale", "ln_f/bias"}

@@ -14,10 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import loader, peft_io
-from ..allocator import keep_freed_memory
 from ..config import DTYPES
+from ..cpu.allocator import keep_freed_memory
 from ..errors import JaxlmError
+from ..io import load as loader
+from ..lora import peft as peft_io
 from ..tokenizer import from_spec
 from .files import locate
 from .registry import TASKS, Options, parse_tasks, runnable

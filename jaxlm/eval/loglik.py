@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import GPTConfig
-from ..model import GPT
-from .head import head_rows_for_backend, score_targets
+from ..cpu.eval_head import head_rows_for_backend, score_targets
+from ..model.gpt import GPT
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ The entry point for `python -m jaxlm.eval --task NAME FILE` (one call per task):
     result["predictions"]  # one {"prediction", <reference field>} a row, in file order: write it as JSONL
 
 NAME is one of TASKS (summarize, translate, qa); FILE is a JSONL of rows with the fields the task's template
-needs (the bundled ../shared/data/{summarization,translation,qa}/ files), read as `jaxlm.sft` reads training
+needs (the bundled ../shared/data/{summarization,translation,qa}/ files), read as `jaxlm.data.sft` reads training
 rows (a bad line is a JaxlmError naming it). The result also holds "task", "examples", "truncated_prompts"
 and "max_new_tokens".
 
-Each task prompts with the built-in template of `jaxlm.templates`, the very prompt `jaxlm.sft` fine-tunes
+Each task prompts with the built-in template of `jaxlm.data.templates`, the very prompt `jaxlm.data.sft` fine-tunes
 on, so a fine-tuned model is scored on what it learnt. Generation is greedy (temperature 0) and stops at
 <|endoftext|>; a prediction ends at its first newline (every reference in the bundled task files is one
 line) and is stripped of surrounding spaces. A prompt longer than block_size - max_new_tokens keeps its
@@ -30,10 +30,10 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import templates
+from ..data import templates
+from ..data.textfiles import jsonl_rows
 from ..errors import JaxlmError
-from ..generate import Generator
-from ..textfiles import jsonl_rows
+from ..generation.generator import Generator
 from .metrics import bleu_chrf, rouge, squad
 
 

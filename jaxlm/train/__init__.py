@@ -11,7 +11,7 @@ runtime    allocator, CPU cores as devices, compile cache, stop signals
 runlock    RunLock: one writer per run directory
 """
 
-from ..checkpoint import load_run
+from ..io.runs import load_run
 from .loop import Loop, TrainingDiverged, main, train
 from .metrics import PEAK_FLOPS, RunLog, measure_matmul_flops, peak_flops_per_device, plot_losses, read_metrics
 from .optimizer import decay_mask, lr_schedule, make_optimizer

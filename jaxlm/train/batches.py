@@ -1,7 +1,7 @@
 """Training and eval batches, one small object per kind of data, so the loop never asks which kind it has.
 
 `TextBatches`: windows of a token stream (jaxlm.data), no mask; one row length, one compiled step.
-`SFTBatches`: whole prompt/completion examples padded to a length bucket (jaxlm.sft), with the loss mask;
+`SFTBatches`: whole prompt/completion examples padded to a length bucket (jaxlm.data.sft), with the loss mask;
 each bucket is its own shape, so the loop compiles the train step once per bucket that holds train
 examples, all ahead of time (a bucket drawn late would otherwise stall the run mid-way to compile).
 Eval uses one fixed set of `eval_iters` batches; for SFT data they are padded to the one bucket that holds
@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import data, sft
+from ..data import sft
+from ..data import tokens as data
 from .step import Batch
 
 

@@ -16,11 +16,12 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from .. import checkpoint, distributed, sharding
 from ..config import TrainConfig
 from ..errors import JaxlmError, disk_full
-from ..flags import parse_train_flags
+from ..io import runs
+from ..parallel import distributed, sharding
 from .batches import batches_for
+from .flags import parse_train_flags
 from .metrics import RunLog, measure_matmul_flops, peak_flops_per_device
 from .optimizer import lr_schedule, make_optimizer
 from .runlock import RunLock
@@ -90,7 +91,7 @@ class Loop:
         self.pending: list[tuple[int, dict]] = []  # device metrics not yet read back (reading them syncs)
         self.window = {"t": time.perf_counter(), "excluded": 0.0, "steps": 0, "tokens": 0, "flops": 0.0}
         self.meta = {
-            "format": checkpoint.RUN_FORMAT,
+            "format": runs.RUN_FORMAT,
             "version": 1,
             "model": config.to_dict(),
             "train": cfg.to_dict(),
@@ -128,7 +129,7 @@ class Loop:
 
     def run(self) -> dict:
         cfg = self.s.cfg
-        self.manager = checkpoint.open_run(self.out, cfg.keep_checkpoints)
+        self.manager = runs.open_run(self.out, cfg.keep_checkpoints)
         self.runlog = RunLog(self.out, cfg.tensorboard, self.s.start, cfg.max_iters)
         try:
             self.steps()
@@ -141,7 +142,7 @@ class Loop:
             reason = disk_full(e)
             if reason is None:
                 raise
-            raise checkpoint.out_of_space(self.out, reason) from None
+            raise runs.out_of_space(self.out, reason) from None
         self.close()
         return self.summary()
 
@@ -225,7 +226,7 @@ class Loop:
         self.drain()
         meta = {**self.meta, "step": self.step, "val_loss": self.val_loss}
         items = checkpoint_items(self.state, with_frozen=self.s.lora is None)  # a LoRA base is recorded, not copied
-        checkpoint.save_run_step(self.manager, self.step, items, meta)
+        runs.save_run_step(self.manager, self.step, items, meta)
         self.last_saved = self.step
         self.window["excluded"] += time.perf_counter() - t
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import jax
 
-from ..allocator import keep_freed_memory  # noqa: F401  (re-exported: jaxlm.train.keep_freed_memory)
-from ..cache import cache_dir
-from ..data import BUILTIN, META_FILE
+from ..cpu.allocator import keep_freed_memory  # noqa: F401  (re-exported: jaxlm.train.keep_freed_memory)
+from ..data.tokens import BUILTIN, META_FILE
 from ..tokenizer import GPT2_EOT_ID
+from ..utils.cache import cache_dir
 
 RUNTIME_FILE = "runtime.json"
 

@@ -16,13 +16,26 @@ from pathlib import Path
 
 import jax
 
-import jaxlm.train.lora as train_lora  # noqa: I001 (a submodule, not the package)
-
-from .. import checkpoint, data, loader, sft, sharding
 from ..config import GPTConfig, TrainConfig
+from ..data import sft
+from ..data import tokens as data
 from ..errors import JaxlmError
-from ..lora import describe as describe_lora
-from ..tree import combine, leaf_paths
+from ..io import load as loader
+from ..io import runs
+from ..lora.adapters import describe as describe_lora
+from ..parallel import sharding
+from ..utils.tree import combine, leaf_paths
+from .adapters import FLAGS as LORA_FLAGS
+from .adapters import (
+    base_record,
+    check_lora_flags,
+    lora_from_meta,
+    lora_layout,
+    lora_run_meta,
+    lora_seam,
+    new_lora_state,
+    own,
+)
 from .optimizer import make_optimizer
 from .state import model_layout, new_state, restore_state
 
@@ -58,9 +71,9 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
     """Resolve `cfg` into a Setup; `trainable` (a predicate on param paths, None: all) picks what trains."""
     out = Path(cfg.out_dir).expanduser()
     resume = cfg.init_from == "resume"
-    lora_flags = None if resume else train_lora.check_flags(cfg, explicit)  # before anything is written
+    lora_flags = None if resume else check_lora_flags(cfg, explicit)  # before anything is written
     _check_writable(out)
-    previous = checkpoint.latest_run_meta(out)
+    previous = runs.latest_run_meta(out)
     if resume:
         if previous is None:
             raise JaxlmError(f"--init-from resume: {out} holds no checkpoint to resume; use --init-from scratch")
@@ -122,7 +135,7 @@ def open_data(cfg: TrainConfig, block_size: int, log) -> data.TokenData | sft.SF
 def check_incomplete(cfg: TrainConfig, explicit: frozenset = frozenset()):
     """Raise RunComplete when `cfg` resumes a run that already reached its --max-iters (reads, writes nothing)."""
     out = Path(cfg.out_dir).expanduser()
-    previous = checkpoint.latest_run_meta(out) if cfg.init_from == "resume" else None
+    previous = runs.latest_run_meta(out) if cfg.init_from == "resume" else None
     if previous is not None:
         _check_incomplete(out, previous[0], resume_config(cfg.to_dict(), explicit, previous[1]))
 
@@ -138,26 +151,26 @@ def _check_incomplete(out: Path, step: int, cfg: TrainConfig):
 def _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flags, params, log) -> Setup:
     """A LoRA run: adapters train (fresh, from --adapter, or the run's own), the base is frozen."""
     if lora_flags is None:  # resume: the run's LoRA config; the base is reloaded and checked when built
-        lc, base = train_lora.from_meta(previous[1])
+        lc, base = lora_from_meta(previous[1])
         lc = lc.replace(dropout=cfg.lora_dropout) if cfg.adapter is None else lc
     else:
-        (lc, adapters), base = lora_flags, train_lora.base_record(cfg.init_from, config, params)
+        (lc, adapters), base = lora_flags, base_record(cfg.init_from, config, params)
     lc.check(config)
-    shapes, shardings = train_lora.layout(config, lc, tx, mesh)
+    shapes, shardings = lora_layout(config, lc, tx, mesh)
     if lora_flags is None:  # the base first: a changed one fails here, before any compile
         out = Path(cfg.out_dir).expanduser()
         frozen = loader.load_lora_base(base, config, shardings["frozen"], run=out)
-        frozen = train_lora.own(frozen, shardings["frozen"], config.param_dtype)
+        frozen = own(frozen, shardings["frozen"], config.param_dtype)
         init = partial(restore_state, out, start, shapes, shardings, frozen=frozen)
     else:
         held = [params]  # handed over to the state, not kept: a Setup holding it would keep a second base alive
 
         def init():
-            return train_lora.new_state(config, lc, tx, shardings, cfg.seed, held.pop(), adapters)
+            return new_lora_state(config, lc, tx, shardings, cfg.seed, held.pop(), adapters)
 
     log(describe_lora(config, lc) + (f" (continuing {cfg.adapter})" if cfg.adapter and not start else ""))
-    loss_fn, lora_combine = train_lora.seam(config, lc)
-    meta = train_lora.run_meta(lc, base)
+    loss_fn, lora_combine = lora_seam(config, lc)
+    meta = lora_run_meta(lc, base)
     return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, (), meta, loss_fn, lora_combine)
 
 
@@ -180,7 +193,7 @@ def resume_config(values: dict, explicit: frozenset, meta: dict) -> TrainConfig:
                 f"--init-from resume: the run has {name}={model[name]} but --{name.replace('_', '-')} "
                 f"{values[name]} was given; drop the flag (or start a new run)"
             )
-    for name in train_lora.FLAGS:  # the adapters' shapes and scale are the run's
+    for name in LORA_FLAGS:  # the adapters' shapes and scale are the run's
         if name in explicit and name != "lora_dropout" and values[name] != meta["train"].get(name, values[name]):
             raise JaxlmError(
                 f"--init-from resume: the run has {name}={meta['train'].get(name)} but --{name.replace('_', '-')} "
@@ -192,7 +205,7 @@ def resume_config(values: dict, explicit: frozenset, meta: dict) -> TrainConfig:
 
 def run_meta(out_dir) -> tuple[int, dict] | None:
     """(latest step, meta) of the run in `out_dir`, or None when it holds no complete checkpoint."""
-    return checkpoint.latest_run_meta(Path(out_dir).expanduser())
+    return runs.latest_run_meta(Path(out_dir).expanduser())
 
 
 def compute_overrides(cfg: TrainConfig) -> dict:

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .. import checkpoint, sharding
 from ..config import GPTConfig
-from ..model import init_params, param_shapes
-from ..tree import combine, partition
+from ..io import runs
+from ..model.gpt import init_params, param_shapes
+from ..parallel import sharding
+from ..utils.tree import combine, partition
 
 
 def layout(trainable_shapes, trainable_shardings, tx, mesh, frozen_shapes=None, frozen_shardings=None):
@@ -93,6 +94,6 @@ def restore_state(run_dir: Path, step: int, shapes: dict, shardings: dict, froze
     }
     if shapes["frozen"] and frozen is None:
         items["frozen"] = abstract(shapes["frozen"], shardings["frozen"])
-    r = checkpoint.restore_run(run_dir, step, items)
+    r = runs.restore_run(run_dir, step, items)
     frozen = r.get("frozen", {}) if frozen is None else frozen
     return {"params": r["params"], "frozen": frozen, "opt_state": r["opt_state"], **r["progress"]}

@@ -9,7 +9,7 @@ the mean over the whole batch's counted tokens.
 The state is a dict: "params" (the trainable pytree: the only part differentiated and given optimizer
 state), "frozen" (held fixed; {} or absent when everything trains), "opt_state", "step" (updates done) and
 "rng" (key data; step s draws fold_in(rng, s)). `combine(trainable, frozen)` gives the params the loss
-sees: by default the union of two partial trees of the same model (`jaxlm.tree.combine`).
+sees: by default the union of two partial trees of the same model (`jaxlm.utils.tree.combine`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from .. import sharding
 from ..config import GPTConfig
-from ..model import GPT, cross_entropy
-from ..tree import combine
+from ..model.gpt import GPT, cross_entropy
+from ..parallel import sharding
+from ..utils.tree import combine
 
 
 class Batch(NamedTuple):

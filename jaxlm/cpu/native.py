@@ -1,0 +1,128 @@
+"""The CPU decode kernels (`kernels/decode_linear.cc`): built on first use, then called from jit.
+
+`jaxlm.generation.decode` uses them for a step's few rows on an x86-64 CPU with AVX-512 (float32) and AVX-512 BF16
+(bfloat16), where XLA's own few-row products run below memory bandwidth. They are compiled with the
+system's C++ compiler ($CXX, else c++ or g++) against the XLA FFI headers jax ships, once per source and
+jax version, into the cache ($JAXLM_CACHE/native). Where they cannot be had (another CPU, no compiler,
+JAXLM_NATIVE=0) decoding takes XLA's forms as before; `unavailable(dtype)` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..utils.cache import cache_dir
+
+SOURCE = "decode_linear.cc"
+# dtype: (FFI target, its symbol in the library, CPU level it needs, inputs per packed lane)
+KERNELS = {
+    "float32": ("jaxlm_f32_linear", "JaxlmF32Linear", 1, 1),
+    "bfloat16": ("jaxlm_bf16_linear", "JaxlmBf16Linear", 2, 2),
+}
+NEEDS = {1: "AVX-512F", 2: "AVX-512 BF16"}
+
+
+def _compile(src: bytes) -> str:
+    """Path of the built library, compiled into the cache unless this source and jax already have one."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        raise OSError("no C++ compiler (set CXX)")
+    key = hashlib.sha256(src + jax.__version__.encode() + cxx.encode()).hexdigest()[:16]
+    out = cache_dir() / "native" / f"decode_linear-{key}.so"
+    if out.exists():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        cc, so = os.path.join(tmp, SOURCE), os.path.join(tmp, out.name)
+        with open(cc, "wb") as f:
+            f.write(src)
+        cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", cc, "-o", so]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise OSError(f"{cxx} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        os.replace(so, out)  # atomic: concurrent first uses each build, one wins, none reads half a file
+    return str(out)
+
+
+@functools.cache
+def probe() -> tuple[int, str | None]:
+    """(what this CPU runs: 0, 1 = AVX-512F, 2 = and BF16; why nothing, or None), registering the kernels."""
+    if os.environ.get("JAXLM_NATIVE", "1") == "0":
+        return 0, "JAXLM_NATIVE=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return 0, f"not an x86-64 CPU ({platform.machine()})"
+    try:
+        lib = ctypes.CDLL(_compile(resources.files("jaxlm.cpu").joinpath(SOURCE).read_bytes()))
+    except OSError as e:
+        return 0, f"cannot build the kernels: {e}"
+    level = lib.JaxlmCpuLevel()
+    for target, symbol, needs, _ in KERNELS.values():
+        if level >= needs:
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return level, None
+
+
+def unavailable(dtype) -> str | None:
+    """None when the `dtype` kernel is registered and this CPU runs it; else why not, in a few words."""
+    name = jnp.dtype(dtype).name
+    if name not in KERNELS:
+        return f"no kernel for {name}"
+    level, why = probe()
+    return why or (None if level >= KERNELS[name][2] else f"this CPU has no {NEEDS[KERNELS[name][2]]}")
+
+
+def usable(dtype) -> bool:
+    """Whether decode in `dtype` on this backend takes the kernel."""
+    return jax.default_backend() == "cpu" and unavailable(dtype) is None
+
+
+def _per(dtype) -> int:
+    return KERNELS[jnp.dtype(dtype).name][3]
+
+
+def pack(w_OxD: np.ndarray) -> np.ndarray:
+    """[O, D] -> the kernel's layout, zero-padded to whole blocks of 16 outputs (and bf16 input pairs):
+    float32 [O/16, D, 16], bfloat16 [O/16, D/2, 16, 2]."""
+    (O, D), per = w_OxD.shape, _per(w_OxD.dtype)
+    w = np.pad(w_OxD, ((0, -O % 16), (0, -D % per)))
+    packed = w.reshape(w.shape[0] // 16, 16, w.shape[1] // per, per).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(packed if per > 1 else packed[..., 0])
+
+
+def _blocks(w_packed):
+    """The packed array as [O/16, D/per, 16, per] (a view)."""
+    return w_packed.reshape(*w_packed.shape[:3], _per(w_packed.dtype))
+
+
+def unpack(w_packed, O: int, D: int):
+    """The packed kernel back as [O, D] (traced: for a prefill of many rows, which XLA's matmul runs faster)."""
+    nb, steps, _, per = _blocks(w_packed).shape
+    return _blocks(w_packed).transpose(0, 2, 1, 3).reshape(nb * 16, steps * per)[:O, :D]
+
+
+def rows(w_packed, ids, D: int):
+    """Rows `ids` of the packed [O, D] matrix (the embedding lookup of a packed wte), shape ids.shape + (D,)."""
+    ids = jnp.asarray(ids)
+    return _blocks(w_packed)[ids // 16, :, ids % 16, :].reshape(*ids.shape, -1)[..., :D]
+
+
+def linear(x_NxD, w_packed, O: int):
+    """x @ W.T [N, O] in float32 for x [N, D] in W's dtype and packed W (the FFI call)."""
+    per = _per(w_packed.dtype)
+    if x_NxD.shape[1] % per:
+        x_NxD = jnp.pad(x_NxD, ((0, 0), (0, -x_NxD.shape[1] % per)))
+    out = jax.ShapeDtypeStruct((x_NxD.shape[0], 16 * w_packed.shape[0]), jnp.float32)
+    target = KERNELS[jnp.dtype(w_packed.dtype).name][0]
+    return jax.ffi.ffi_call(target, out)(x_NxD.astype(w_packed.dtype), w_packed)[:, :O]

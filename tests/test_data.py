@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from jaxlm import data
 from jaxlm.cli import run_cli
+from jaxlm.data import cli as data_cli
 from jaxlm.data import textfiles
+from jaxlm.data import tokens as data
 from jaxlm.errors import JaxlmError
 from jaxlm.tokenizer import GPT2Tokenizer, from_spec
 
@@ -140,10 +141,13 @@ def test_builtin_dataset_is_prepared_once_into_the_cache(tmp_path):
 
 def test_prepare_cli(tmp_path, capsys):
     out = tmp_path / "ds"
-    assert run_cli(data.main, ["prepare", str(SHAKESPEARE), str(out), "--tokenizer", "char", "--val_fraction=0.2"]) == 0
+    assert (
+        run_cli(data_cli.main, ["prepare", str(SHAKESPEARE), str(out), "--tokenizer", "char", "--val_fraction=0.2"])
+        == 0
+    )
     assert "train on it: python train.py --dataset" in capsys.readouterr().out
     assert data.open_dataset(out).meta["val_fraction"] == 0.2
-    assert run_cli(data.main, ["prepare", str(SHAKESPEARE), str(out)]) == 2  # exists: refuse
+    assert run_cli(data_cli.main, ["prepare", str(SHAKESPEARE), str(out)]) == 2  # exists: refuse
     assert "already exists" in capsys.readouterr().err
-    assert run_cli(data.main, ["prepare", str(tmp_path / "nope.txt"), str(tmp_path / "x")]) == 2
+    assert run_cli(data_cli.main, ["prepare", str(tmp_path / "nope.txt"), str(tmp_path / "x")]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxlm
-from jaxlm import data
 from jaxlm.cli import run_cli
+from jaxlm.data import cli as data_cli
 from jaxlm.generation import cli as sample
 from jaxlm.io import convert
 
@@ -146,12 +146,12 @@ def test_fuzz_convert_cli(in_sandbox, data):
 @given(data=st.data())
 def test_fuzz_data_cli(in_sandbox, data):
     parser = data.draw(st.sampled_from([["prepare", "src", "out"], ["src"], []]))
-    argv = data.draw(argv_strategy(jaxlm.data.build_parser(), parser, PATHS + ["new3", "new4"]))
+    argv = data.draw(argv_strategy(jaxlm.data.cli.build_parser(), parser, PATHS + ["new3", "new4"]))
     assert_works_or_user_error(*call_cli(data_main, argv))
 
 
 def data_main(argv):
-    return data.main(argv)
+    return data_cli.main(argv)
 
 
 # sample.py is fuzzed without a loadable model (a valid one would compile and generate for seconds

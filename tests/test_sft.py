@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import GPTConfig, cross_entropy, data, init_params
+from jaxlm import GPTConfig, cross_entropy, init_params
 from jaxlm.cli import run_cli
+from jaxlm.data import cli as data_cli
 from jaxlm.data import sft, templates
+from jaxlm.data import tokens as data
 from jaxlm.errors import JaxlmError
 from jaxlm.eval import metrics, tasks
 from jaxlm.generation import generator as generate
@@ -216,7 +218,7 @@ def _rows_of(ds, tokens):
 def test_resolve_dataset_opens_sft_dirs_and_pairs_files_only_when_allowed(tmp_path):
     src = write_jsonl(tmp_path / "p.jsonl", pairs(20))
     out = tmp_path / "prep"
-    assert run_cli(data.main, ["prepare", str(src), str(out)]) == 0
+    assert run_cli(data_cli.main, ["prepare", str(src), str(out)]) == 0
     assert isinstance(data.resolve_dataset(str(out), allow_sft=True), sft.SFTData)
     with pytest.raises(JaxlmError, match="prompt/completion"):
         data.resolve_dataset(str(out))
@@ -228,7 +230,7 @@ def test_resolve_dataset_opens_sft_dirs_and_pairs_files_only_when_allowed(tmp_pa
 
 def test_prepare_prints_the_summary(tmp_path, capsys):
     src = write_jsonl(tmp_path / "p.jsonl", pairs(20))
-    assert run_cli(data.main, ["prepare", str(src), str(tmp_path / "o"), "--block-size", "64"]) == 0
+    assert run_cli(data_cli.main, ["prepare", str(src), str(tmp_path / "o"), "--block-size", "64"]) == 0
     out = capsys.readouterr().out
     assert "20 rows (20 prompt/completion, 0 text) -> 18 train + 2 val examples" in out
     assert "0 truncated (drop), 0 dropped" in out and "a prefix of prompt+completion tokens in every" in out
@@ -251,7 +253,7 @@ BAD = [
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, lines, flags, message):
     src = write_jsonl(tmp_path / "bad.jsonl", lines)
     out = tmp_path / "out"
-    assert run_cli(data.main, ["prepare", str(src), str(out), *flags]) == 2
+    assert run_cli(data_cli.main, ["prepare", str(src), str(out), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["bad.jsonl"]

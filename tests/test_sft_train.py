@@ -17,8 +17,8 @@ import jaxlm.train as trainer
 from jaxlm import GPT, init_params
 from jaxlm.cli import run_cli
 from jaxlm.config import GPTConfig, TrainConfig
-from jaxlm.data import main as data_main
 from jaxlm.data import sft
+from jaxlm.data.cli import main as data_main
 from jaxlm.eval.tasks import run_task
 from jaxlm.tokenizer import from_spec
 

@@ -79,11 +79,13 @@ def bench_model_apply(config, params, batch: int, reps: int) -> float:
     @jax.jit
     def run(params, tokens_BxP):
         cache = jaxlm.init_cache(config, batch, PROMPT + NEW)
-        logits, cache = model.apply({"params": params}, tokens_BxP, cache=cache, cache_index=0)
+        logits, cache = model.apply({"params": params}, tokens_BxP, cache=cache, cache_index=0, method=jaxlm.GPT.decode)
 
         def body(carry):
             i, tok_B, cache = carry
-            logits, cache = model.apply({"params": params}, tok_B[:, None], cache=cache, cache_index=PROMPT + i - 1)
+            logits, cache = model.apply(
+                {"params": params}, tok_B[:, None], cache=cache, cache_index=PROMPT + i - 1, method=jaxlm.GPT.decode
+            )
             return i + 1, jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
         start = (jnp.int32(1), jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache)

@@ -96,8 +96,10 @@ def test_dropout_only_in_training_mode(params, tokens):
 def test_kv_cache_matches_full_forward(params, tokens):
     full = _apply(CONFIG, params, tokens)
     cache = jaxlm.init_cache(CONFIG, tokens.shape[0], CONFIG.block_size)
-    prefix, cache = _apply(CONFIG, params, tokens[:, :9], cache=cache, cache_index=0)
-    decode = jax.jit(lambda p, tok, cache, t: _apply(CONFIG, p, tok, cache=cache, cache_index=t))
+    prefix, cache = _apply(CONFIG, params, tokens[:, :9], cache=cache, cache_index=0, method=jaxlm.GPT.decode)
+    decode = jax.jit(
+        lambda p, tok, cache, t: _apply(CONFIG, p, tok, cache=cache, cache_index=t, method=jaxlm.GPT.decode)
+    )
     steps = [prefix]
     for t in range(9, tokens.shape[1]):
         step, cache = decode(params, tokens[:, t : t + 1], cache, t)
@@ -155,3 +157,19 @@ def test_blocked_causal_attention_matches_one_product(T):
     assert np.abs(y - y_ref).max() <= 1e-5
     for a, b in zip(vjp(g), vjp_ref(g), strict=True):
         assert np.abs(a - b).max() <= 1e-4
+
+
+def test_each_entry_point_returns_one_type(params, tokens):
+    """__call__ gives logits only; hidden_states gives the final LayerNorm's output, which the tied head turns
+    into those logits; decode gives (logits, cache) and the same logits."""
+    logits = _apply(CONFIG, params, tokens)
+    assert isinstance(logits, jax.Array) and logits.shape == (*tokens.shape, CONFIG.vocab_size)
+    hidden = _apply(CONFIG, params, tokens, method=jaxlm.GPT.hidden_states)
+    assert hidden.shape == (*tokens.shape, CONFIG.n_embd)
+    np.testing.assert_allclose(hidden @ params["wte"]["embedding"].T, logits, atol=1e-5, rtol=1e-5)
+    cache = jaxlm.init_cache(CONFIG, tokens.shape[0], tokens.shape[1])
+    out = _apply(CONFIG, params, tokens, cache=cache, cache_index=0, method=jaxlm.GPT.decode)
+    assert isinstance(out, tuple) and len(out) == 2 and set(out[1]) == {"k", "v"}
+    np.testing.assert_allclose(out[0], logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError):
+        _apply(CONFIG, params, tokens, cache=cache, cache_index=0)  # the cache goes through GPT.decode only

@@ -8,7 +8,7 @@ this one shape, so one jitted function serves every task.
 Why it is fast on a CPU: requests are sorted by length and batched, the batch padded to a few length
 buckets (powers of two up to the block size), so a whole task compiles a handful of shapes; and the LM
 head (a third of GPT-2 124M's FLOPs at T=1024) runs only on the scored positions, gathered from the
-final hidden states, not on all T. XLA drops the model's own full-width head as dead code. On a CPU a
+final hidden states (`GPT.hidden_states`), not on all T. On a CPU a
 batch also holds at most CPU_BATCH_TOKENS tokens (two 1024-token windows): batches whose activations stay
 in cache score faster there than wide ones.
 """
@@ -131,14 +131,8 @@ class Scorer:
 
     def _score(self, params, inputs_BxT, index_BxH, targets_BxH):
         c = self.config
-        # Only the final LayerNorm's output is kept; the model's full [B, T, V] head is dead code.
-        _, state = GPT(c).apply(
-            {"params": params},
-            inputs_BxT,
-            capture_intermediates=lambda mdl, _: mdl.name == "ln_f",
-            mutable=["intermediates"],
-        )
-        hidden_BxTxD = state["intermediates"]["ln_f"]["__call__"][0]
+        # The final LayerNorm's output only: the LM head runs on the scored positions below, not on all T.
+        hidden_BxTxD = GPT(c).apply({"params": params}, inputs_BxT, method=GPT.hidden_states)
         hidden_BxHxD = jnp.take_along_axis(hidden_BxTxD, index_BxH[..., None], axis=1)
         wte_VxD = params["wte"]["embedding"].astype(c.dtype)
         B, H = targets_BxH.shape

@@ -13,12 +13,15 @@ math is GPT-2's, and tests/test_generate.py holds it to `GPT.apply` (cache vs re
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..config import GPTConfig
 from ..cpu import native
+from ..model import layers
 from ..model.attention import attend
 from ..model.gpt import layer_norm
 
@@ -27,7 +30,9 @@ NATIVE_ROWS = 64  # packed weights: up to this many rows the native kernel; beyo
 
 
 def prepare(params, c: GPTConfig) -> dict:
-    """Decode-layout weights in the compute dtype: per-layer dicts, kernels [out, in] (one copy).
+    """Decode-layout weights in the compute dtype: the model's own tree with its layers unstacked (a list of
+    per-layer trees, named as the params are), each Dense kernel [in, *out] stored as [out, in] and each bias
+    flat (one copy). The head reads wte as it is ([V, D] is already [out, in]).
 
     Done in numpy (zero-copy views of CPU arrays): as one XLA program, its ~100 slices and
     transposes took about 4 s to compile for the 124M model. Where `native.usable`, the kernels and
@@ -35,9 +40,6 @@ def prepare(params, c: GPTConfig) -> dict:
     """
     dtype = jnp.dtype(c.dtype)
     packed = native.usable(dtype)
-    h = jax.tree.map(np.asarray, jax.device_get(params["h"]))
-    a, m = h["attn"], h["mlp"]
-    L, D = a["c_attn"]["kernel"].shape[:2]
 
     def put(x):
         return jax.device_put(np.ascontiguousarray(x, dtype=dtype))
@@ -47,25 +49,19 @@ def prepare(params, c: GPTConfig) -> dict:
         return jax.device_put(native.pack(w_OxD) if packed else np.ascontiguousarray(w_OxD))
 
     def layer(i):
-        return {
-            "ln_1": {k: put(x[i]) for k, x in h["ln_1"].items()},
-            "ln_2": {k: put(x[i]) for k, x in h["ln_2"].items()},
-            "qkv_w": kernel(a["c_attn"]["kernel"][i].reshape(D, 3 * D).T),
-            "qkv_b": put(a["c_attn"]["bias"][i].reshape(3 * D)),
-            "proj_w": kernel(a["c_proj"]["kernel"][i].T),
-            "proj_b": put(a["c_proj"]["bias"][i]),
-            "fc_w": kernel(m["c_fc"]["kernel"][i].T),
-            "fc_b": put(m["c_fc"]["bias"][i]),
-            "out_w": kernel(m["c_proj"]["kernel"][i].T),
-            "out_b": put(m["c_proj"]["bias"][i]),
-        }
+        def leaf(path, x_L):
+            if path[-1].key == "kernel":
+                return kernel(x_L[i].reshape(x_L.shape[1], -1).T)  # [in, *out] -> [out, in]
+            return put(x_L[i].reshape(-1))
 
-    rest = jax.tree.map(lambda x: put(np.asarray(x)), jax.device_get({k: params[k] for k in ("wpe", "ln_f")}))
+        return jax.tree_util.tree_map_with_path(leaf, host["h"])
+
+    host = jax.tree.map(np.asarray, jax.device_get(params))
     return {
-        "wte": kernel(jax.device_get(params["wte"]["embedding"])),  # the head's [out, in] as it is
-        "wpe": rest["wpe"]["embedding"],
-        "ln_f": rest["ln_f"],
-        "layers": [layer(i) for i in range(L)],
+        "wte": kernel(host["wte"]["embedding"]),
+        "wpe": put(host["wpe"]["embedding"]),
+        "ln_f": jax.tree.map(put, host["ln_f"]),
+        "layers": [layer(i) for i in range(c.n_layer)],
     }
 
 
@@ -99,15 +95,24 @@ def _ln(c: GPTConfig, p, x):
     return layer_norm(c, "ln").apply({"params": p}, x)
 
 
-def _mlp(c: GPTConfig, p, x):
-    h = jax.nn.gelu(_linear(_ln(c, p["ln_2"], x), p["fc_w"], p["fc_b"]), approximate=True)
-    return x + _linear(h, p["out_w"], p["out_b"])
+def _dense(p):
+    """x -> x @ W + b over a decode-layout Dense's {"kernel" [out, in], "bias" [out]}."""
+    return lambda x: _linear(x, p["kernel"], p["bias"])
 
 
-def _qkv(c: GPTConfig, p, x_BxTxD):
-    B, T, _ = x_BxTxD.shape
-    qkv_BxTx3xHxK = _linear(_ln(c, p["ln_1"], x_BxTxD), p["qkv_w"], p["qkv_b"]).reshape(B, T, 3, c.n_head, -1)
-    return (qkv_BxTx3xHxK[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+def _block(c: GPTConfig, p, x_BxTxD, attend_fn, write_kv):
+    """One layer of `jaxlm.model.layers` over decode-layout weights: (x, its cache entry)."""
+    attn, mlp = p["attn"], p["mlp"]
+    return layers.block(
+        x_BxTxD,
+        ln_1=lambda x: _ln(c, p["ln_1"], x),
+        attn=lambda x: layers.self_attention(
+            x, n_head=c.n_head, c_attn=_dense(attn["c_attn"]), c_proj=_dense(attn["c_proj"]), attend=attend_fn,
+            write_kv=write_kv,
+        ),
+        ln_2=lambda x: _ln(c, p["ln_2"], x),
+        mlp=lambda x: layers.mlp(x, c_fc=_dense(mlp["c_fc"]), c_proj=_dense(mlp["c_proj"])),
+    )  # fmt: skip
 
 
 def _head(c: GPTConfig, dp, x_BxD):
@@ -130,11 +135,8 @@ def prefill(dp, tokens_BxT, positions_BxT, valid_BxT, *, c: GPTConfig):
     mask_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & valid_BxT[:, None, :]
     kv = []
     for p in dp["layers"]:
-        q, k, v = _qkv(c, p, x_BxTxD)
-        kv.append((k, v))
-        y_BxHxTxK = attend(q, k, v, mask_BxTxT)
-        y_BxTxD = y_BxHxTxK.transpose(0, 2, 1, 3).reshape(x_BxTxD.shape)
-        x_BxTxD = _mlp(c, p, x_BxTxD + _linear(y_BxTxD, p["proj_w"], p["proj_b"]))
+        x_BxTxD, layer_kv = _block(c, p, x_BxTxD, partial(attend, mask_BxTxS=mask_BxTxT), lambda k, v: (k, v, (k, v)))
+        kv.append(layer_kv)
     return _head(c, dp, x_BxTxD[:, -1]), kv
 
 
@@ -144,17 +146,21 @@ def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig):
     `cache` is a list of per-layer (k, v), each [B, H, S, K]; a row attends to the slots up to
     `slot` that are valid (`valid_BxS` is False at its left padding).
     """
-    B, S = valid_BxS.shape
+    S = valid_BxS.shape[1]
     x_Bx1xD = _embed(c, dp, tokens_B, positions_B)[:, None]
     mask_Bx1xS = (valid_BxS & (jnp.arange(S) <= slot))[:, None]
     zero = jnp.zeros((), jnp.int32)
+
+    def write_at_slot(k_BxHxSxK, v_BxHxSxK):
+        def write(k_BxHx1xK, v_BxHx1xK):
+            k = jax.lax.dynamic_update_slice(k_BxHxSxK, k_BxHx1xK.astype(k_BxHxSxK.dtype), (zero, zero, slot, zero))
+            v = jax.lax.dynamic_update_slice(v_BxHxSxK, v_BxHx1xK.astype(v_BxHxSxK.dtype), (zero, zero, slot, zero))
+            return k, v, (k, v)
+
+        return write
+
     new_cache = []
-    for p, (k_BxHxSxK, v_BxHxSxK) in zip(dp["layers"], cache, strict=True):
-        q, k, v = _qkv(c, p, x_Bx1xD)
-        k_BxHxSxK = jax.lax.dynamic_update_slice(k_BxHxSxK, k.astype(k_BxHxSxK.dtype), (zero, zero, slot, zero))
-        v_BxHxSxK = jax.lax.dynamic_update_slice(v_BxHxSxK, v.astype(v_BxHxSxK.dtype), (zero, zero, slot, zero))
-        new_cache.append((k_BxHxSxK, v_BxHxSxK))
-        y_BxHx1xK = attend(q, k_BxHxSxK, v_BxHxSxK, mask_Bx1xS)
-        y_Bx1xD = y_BxHx1xK.transpose(0, 2, 1, 3).reshape(B, 1, -1)
-        x_Bx1xD = _mlp(c, p, x_Bx1xD + _linear(y_Bx1xD, p["proj_w"], p["proj_b"]))
+    for p, layer_kv in zip(dp["layers"], cache, strict=True):
+        x_Bx1xD, layer_kv = _block(c, p, x_Bx1xD, partial(attend, mask_BxTxS=mask_Bx1xS), write_at_slot(*layer_kv))
+        new_cache.append(layer_kv)
     return _head(c, dp, x_Bx1xD[:, 0]), new_cache

@@ -106,7 +106,13 @@ class Sharded:
 
     def _apply(self, params, tokens_BxT, positions_BxT, cache, index, valid_BxS):
         logits_BxTxV, cache = GPT(self.c).apply(
-            {"params": params}, tokens_BxT, positions_BxT, cache=cache, cache_index=index, kv_mask_BxS=valid_BxS
+            {"params": params},
+            tokens_BxT,
+            positions_BxT,
+            cache=cache,
+            cache_index=index,
+            kv_mask_BxS=valid_BxS,
+            method=GPT.decode,
         )
         # Whole rows of logits for sampling (a gather of B x V floats): the same draws as on one device.
         logits_BxV = jax.lax.with_sharding_constraint(logits_BxTxV[:, -1], self._sharding(self._batch(), None))

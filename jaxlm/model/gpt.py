@@ -5,12 +5,14 @@ is a name map. Layers are stacked under `h` with a leading layer axis and run by
 Every parameter and the main activations carry logical axis names; `jaxlm.parallel.sharding` maps them onto
 a device mesh (without a mesh they are no-ops).
 
-Generation passes a KV cache: {"k", "v"} each [n_layer, B, S, n_head, head_dim], plus the slot
-where this call's T tokens are written (`cache_index`) and which cache slots hold real tokens
-(`kv_mask_BxS`, False for left padding). It returns (logits, new_cache).
+The layer math is `jaxlm.model.layers`, which the decode path calls too; these modules only declare the
+params (with their initialisers and axes) and pass in Dense/LoRA products, dropout and sharding constraints.
+`GPT.decode` takes a KV cache: {"k", "v"} each [n_layer, B, S, n_head, head_dim] (`init_cache`).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -19,6 +21,7 @@ import numpy as np
 
 from ..config import GPTConfig
 from ..lora.adapters import LoraConfig
+from . import layers
 from .attention import attend
 
 Cache = dict  # {"k": LxBxSxHxK, "v": LxBxSxHxK}
@@ -95,10 +98,9 @@ class CausalSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD, kv=None, cache_index=None, mask_BxTxS=None):
         c = self.config
-        B, T, D = x_BxTxD.shape
-        H, K = c.n_head, c.head_dim
+        D = c.n_embd
         # Kernel [D, 3, D]: HF's fused c_attn split into q|k|v, so "heads" shards all three alike.
-        qkv_Bx3xTxD = LoraDenseGeneral(
+        c_attn = LoraDenseGeneral(
             lora=self.lora,
             train=self.train,
             features=(3, D),
@@ -107,29 +109,8 @@ class CausalSelfAttention(nn.Module):
             kernel_init=_init(0.02, ("embed", "qkv", "heads")),
             bias_init=_zeros(("qkv", "heads")),
             name="c_attn",
-        )(x_BxTxD)
-        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (
-            _constrain(qkv_Bx3xTxD[:, :, i].reshape(B, T, H, K), ("batch", "seq", "heads", "kv")) for i in range(3)
         )
-
-        new_kv = None
-        if kv is None:
-            k_BxSxHxK, v_BxSxHxK = k_BxTxHxK, v_BxTxHxK
-        else:
-            zero = jnp.zeros((), jnp.int32)
-            start = (zero, cache_index, zero, zero)
-            k_BxSxHxK = jax.lax.dynamic_update_slice(kv[0], k_BxTxHxK.astype(kv[0].dtype), start)
-            v_BxSxHxK = jax.lax.dynamic_update_slice(kv[1], v_BxTxHxK.astype(kv[1].dtype), start)
-            new_kv = (k_BxSxHxK, v_BxSxHxK)
-            k_BxSxHxK, v_BxSxHxK = k_BxSxHxK.astype(c.dtype), v_BxSxHxK.astype(c.dtype)
-
-        dropout = c.dropout if self.train else 0.0
-        rng = self.make_rng("dropout") if dropout > 0 else None
-        q_BxHxTxK, k_BxHxSxK, v_BxHxSxK = (x.transpose(0, 2, 1, 3) for x in (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK))
-        y_BxHxTxK = attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS, dropout=dropout, rng=rng)
-        y_BxTxHxK = y_BxHxTxK.transpose(0, 2, 1, 3)
-        y_BxTxD = _constrain(y_BxTxHxK.reshape(B, T, D), ("batch", "seq", "heads"))
-        y_BxTxD = LoraDense(
+        proj = LoraDense(
             lora=self.lora,
             train=self.train,
             features=D,
@@ -138,9 +119,30 @@ class CausalSelfAttention(nn.Module):
             kernel_init=_init(0.02 / np.sqrt(2 * c.n_layer), ("heads", "embed")),
             bias_init=_zeros(("embed",)),
             name="c_proj",
-        )(y_BxTxD)
-        y_BxTxD = nn.Dropout(c.dropout, deterministic=not self.train)(y_BxTxD)
-        return y_BxTxD, new_kv
+        )
+        resid_dropout = nn.Dropout(c.dropout, deterministic=not self.train)
+        dropout = c.dropout if self.train else 0.0
+        rng = self.make_rng("dropout") if dropout > 0 else None
+        write_kv = None if kv is None else partial(_write_kv, kv, cache_index, c.dtype)
+        return layers.self_attention(
+            x_BxTxD,
+            n_head=c.n_head,
+            c_attn=c_attn,
+            c_proj=lambda y: resid_dropout(proj(y)),
+            attend=partial(attend, mask_BxTxS=mask_BxTxS, dropout=dropout, rng=rng),
+            write_kv=write_kv,
+            constrain=_constrain,
+        )
+
+
+def _write_kv(kv, cache_index, dtype, k_BxHxTxK, v_BxHxTxK):
+    """Write this call's keys and values into the stacked-layout cache slice [B, S, H, K] at `cache_index`."""
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, cache_index, zero, zero)
+    k_BxSxHxK = jax.lax.dynamic_update_slice(kv[0], k_BxHxTxK.transpose(0, 2, 1, 3).astype(kv[0].dtype), start)
+    v_BxSxHxK = jax.lax.dynamic_update_slice(kv[1], v_BxHxTxK.transpose(0, 2, 1, 3).astype(kv[1].dtype), start)
+    k_BxHxSxK, v_BxHxSxK = (x.astype(dtype).transpose(0, 2, 1, 3) for x in (k_BxSxHxK, v_BxSxHxK))
+    return k_BxHxSxK, v_BxHxSxK, (k_BxSxHxK, v_BxSxHxK)
 
 
 class MLP(nn.Module):
@@ -151,28 +153,21 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD):
         c = self.config
-        h_BxTxF = LoraDense(
-            lora=self.lora,
-            train=self.train,
+        dense = partial(LoraDense, lora=self.lora, train=self.train, dtype=c.dtype, param_dtype=c.param_dtype)
+        c_fc = dense(
             features=4 * c.n_embd,
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
             kernel_init=_init(0.02, ("embed", "mlp")),
             bias_init=_zeros(("mlp",)),
             name="c_fc",
-        )(x_BxTxD)
-        h_BxTxF = _constrain(jax.nn.gelu(h_BxTxF, approximate=True), ("batch", "seq", "mlp"))
-        y_BxTxD = LoraDense(
-            lora=self.lora,
-            train=self.train,
+        )
+        c_proj = dense(
             features=c.n_embd,
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
             kernel_init=_init(0.02 / np.sqrt(2 * c.n_layer), ("mlp", "embed")),
             bias_init=_zeros(("embed",)),
             name="c_proj",
-        )(h_BxTxF)
-        return nn.Dropout(c.dropout, deterministic=not self.train)(y_BxTxD)
+        )
+        dropout = nn.Dropout(c.dropout, deterministic=not self.train)
+        return layers.mlp(x_BxTxD, c_fc=c_fc, c_proj=lambda h: dropout(c_proj(h)), constrain=_constrain)
 
 
 class Block(nn.Module):
@@ -185,32 +180,59 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD, kv, cache_index, mask_BxTxS):
         c = self.config
-        a_BxTxD, new_kv = CausalSelfAttention(c, self.train, self.lora, name="attn")(
-            layer_norm(c, "ln_1")(x_BxTxD), kv, cache_index, mask_BxTxS
+        attn = CausalSelfAttention(c, self.train, self.lora, name="attn")
+        x_BxTxD, new_kv = layers.block(
+            x_BxTxD,
+            ln_1=layer_norm(c, "ln_1"),
+            attn=lambda h: attn(h, kv, cache_index, mask_BxTxS),
+            ln_2=layer_norm(c, "ln_2"),
+            mlp=MLP(c, self.train, self.lora, name="mlp"),
         )
-        x_BxTxD = x_BxTxD + a_BxTxD
-        x_BxTxD = x_BxTxD + MLP(c, self.train, self.lora, name="mlp")(layer_norm(c, "ln_2")(x_BxTxD))
         return _constrain(x_BxTxD, ("batch", "seq", "embed")), new_kv
 
 
 class GPT(nn.Module):
-    """`lora`: with adapters passed as the "lora" collection (`apply({"params": base, "lora": adapters}, ...)`),
-    each targeted layer adds s * dropout(x) A B; nothing changes without them."""
+    """GPT-2 over params named as Hugging Face's. Three entry points, each with one return type:
+
+    - `apply(variables, tokens)`: logits [B, T, V] (float32);
+    - `apply(variables, tokens, method=GPT.hidden_states)`: the final LayerNorm's output [B, T, D], what the
+      LM head reads (evaluation scores only the positions it needs);
+    - `apply(variables, tokens, positions, cache=, cache_index=, kv_mask_BxS=, method=GPT.decode)`:
+      (logits, new cache), for generation with a KV cache (`init_cache`).
+
+    `lora`: with adapters passed as the "lora" collection (`apply({"params": base, "lora": adapters}, ...)`),
+    each targeted layer adds s * dropout(x) A B; nothing changes without them.
+    """
 
     config: GPTConfig
     lora: LoraConfig | None = None
 
+    def __call__(self, tokens_BxT, positions_BxT=None, *, train: bool = False):
+        return self.head(self.trunk(tokens_BxT, positions_BxT, train=train)[0])
+
+    def hidden_states(self, tokens_BxT, positions_BxT=None, *, train: bool = False):
+        """The final LayerNorm's output [B, T, D]: what the tied LM head multiplies by wte."""
+        return self.trunk(tokens_BxT, positions_BxT, train=train)[0]
+
+    def decode(self, tokens_BxT, positions_BxT=None, *, cache: Cache, cache_index, kv_mask_BxS=None):
+        """(logits [B, T, V], cache): this call's T tokens are written at slot `cache_index` of the cache's S,
+        and attend to the slots before them that `kv_mask_BxS` marks real (False: left padding)."""
+        x_BxTxD, cache = self.trunk(
+            tokens_BxT, positions_BxT, cache=cache, cache_index=cache_index, kv_mask_BxS=kv_mask_BxS
+        )
+        return self.head(x_BxTxD), cache
+
+    def head(self, x_BxTxD):
+        """Tied LM head; the product accumulates and returns float32 even under bfloat16 compute."""
+        wte_VxD = nn.meta.unbox(self.variables["params"]["wte"]["embedding"])
+        logits_BxTxV = jnp.einsum(
+            "btd,vd->btv", x_BxTxD, wte_VxD.astype(self.config.dtype), preferred_element_type=jnp.float32
+        )
+        return _constrain(logits_BxTxV, ("batch", "seq", "vocab"))
+
     @nn.compact
-    def __call__(
-        self,
-        tokens_BxT,
-        positions_BxT=None,
-        *,
-        train: bool = False,
-        cache: Cache | None = None,
-        cache_index=None,
-        kv_mask_BxS=None,
-    ):
+    def trunk(self, tokens_BxT, positions_BxT=None, *, train=False, cache=None, cache_index=None, kv_mask_BxS=None):
+        """Embeddings, the blocks and the final LayerNorm: (x [B, T, D], the new cache or None)."""
         c = self.config
         _check_tokens(tokens_BxT, c)
         B, T = tokens_BxT.shape
@@ -218,22 +240,9 @@ class GPT(nn.Module):
             start = 0 if cache_index is None else cache_index
             positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
 
-        wte = nn.Embed(
-            c.vocab_size,
-            c.n_embd,
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
-            embedding_init=_init(0.02, ("vocab", "embed")),
-            name="wte",
-        )
-        wpe = nn.Embed(
-            c.block_size,
-            c.n_embd,
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
-            embedding_init=_init(0.02, ("pos", "embed")),
-            name="wpe",
-        )
+        embed = partial(nn.Embed, features=c.n_embd, dtype=c.dtype, param_dtype=c.param_dtype)
+        wte = embed(c.vocab_size, embedding_init=_init(0.02, ("vocab", "embed")), name="wte")
+        wpe = embed(c.block_size, embedding_init=_init(0.02, ("pos", "embed")), name="wpe")
         x_BxTxD = wte(tokens_BxT) + wpe(positions_BxT)
         x_BxTxD = nn.Dropout(c.dropout, deterministic=not train)(x_BxTxD)
         x_BxTxD = _constrain(x_BxTxD, ("batch", "seq", "embed"))
@@ -252,7 +261,7 @@ class GPT(nn.Module):
         if c.remat:
             block = nn.remat(Block, prevent_cse=not c.scan_layers)
         # Same stacked params either way; scan_layers=False unrolls the loop at compile time.
-        layers = nn.scan(
+        layers_ = nn.scan(
             block,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
@@ -261,20 +270,9 @@ class GPT(nn.Module):
             unroll=1 if c.scan_layers else c.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, train, self.lora, name="h")
-        x_BxTxD, new_kv = layers(x_BxTxD, kv, index, mask_BxTxS)
-
+        x_BxTxD, new_kv = layers_(x_BxTxD, kv, index, mask_BxTxS)
         x_BxTxD = layer_norm(c, "ln_f")(x_BxTxD)
-        # Tied LM head; the matmul accumulates and returns float32 even under bfloat16 compute.
-        logits_BxTxV = jnp.einsum(
-            "btd,vd->btv",
-            x_BxTxD,
-            wte.embedding.astype(c.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        logits_BxTxV = _constrain(logits_BxTxV, ("batch", "seq", "vocab"))
-        if cache is None:
-            return logits_BxTxV
-        return logits_BxTxV, {"k": new_kv[0], "v": new_kv[1]}
+        return x_BxTxD, None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
 
 
 def _check_tokens(tokens_BxT, c: GPTConfig):
@@ -324,15 +322,3 @@ def logical_axes(config: GPTConfig):
 def param_shapes(config: GPTConfig):
     """The params pytree as ShapeDtypeStructs (no compute, no memory)."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-
-
-def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT=None):
-    """Mean token cross-entropy in float32; `mask_BxT` excludes positions (e.g. padding)."""
-    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    picked_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    nll_BxT = logz_BxT - picked_BxT
-    if mask_BxT is None:
-        return nll_BxT.mean()
-    mask_BxT = mask_BxT.astype(jnp.float32)
-    return (nll_BxT * mask_BxT).sum() / jnp.maximum(mask_BxT.sum(), 1.0)

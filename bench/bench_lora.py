@@ -64,8 +64,8 @@ def run_case(case: str, size: str, steps: int, batch: int) -> dict:
         else:
             lc = lora.LoraConfig(rank=8, alpha=16, targets=("c_attn",))
             _, shardings = train_lora.lora_layout(config, lc, tx, mesh)
-            loss_fn, combine = train_lora.lora_seam(config, lc)
-            step_fn = trainer.jit_train_step(loss_fn, tx, trainer.lr_schedule(cfg), shardings, mesh, combine)
+            loss_fn = train_lora.lora_seam(config, lc)
+            step_fn = trainer.jit_train_step(loss_fn, tx, trainer.lr_schedule(cfg), shardings, mesh)
             base = jax.jit(lambda k: init_params(config, k), out_shardings=shardings["frozen"])(jax.random.key(0))
             state = train_lora.new_lora_state(config, lc, tx, shardings, cfg.seed, base)
             del base

@@ -10,8 +10,8 @@ from .io.load import load, load_lora, load_with_tokenizer, save
 from .io.runs import load_run
 from .lora import LoraConfig, load_adapter, save_adapter
 from .model import GPT, cross_entropy, init_cache, init_params, logical_axes
-from .model.loss import combine as lora_combine
 from .model.loss import lora_loss
+from .model.loss import lora_variables as lora_combine
 from .tokenizer import CharTokenizer, GPT2Tokenizer, get_tokenizer
 
 __all__ = [

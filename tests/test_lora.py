@@ -145,11 +145,11 @@ def test_step_zero_equals_base_exactly_and_only_adapters_train(base):
         mask: jax.Array | None
 
     batch = Batch(jnp.asarray(TOKENS), None)
-    loss_fn = jaxlm.model.loss(config.replace(dropout=0.0), lc)  # the HF base has dropout 0.1
-    loss, aux = jax.jit(loss_fn)(jaxlm.lora_combine(adapters, params), batch, jax.random.key(0))
+    loss_fn = jaxlm.lora_loss(config.replace(dropout=0.0), lc)  # the HF base has dropout 0.1
+    loss, aux = jax.jit(loss_fn)(adapters, params, batch, jax.random.key(0))
     logits = _jax_logits(config, params)
     assert float(loss) == float(jaxlm.cross_entropy(logits[:, :-1], TOKENS[:, 1:])) and float(aux["tokens"]) == 22
-    grads = jax.jit(jax.grad(lambda ad: loss_fn(jaxlm.lora_combine(ad, params), batch, jax.random.key(0))[0]))(adapters)
+    grads = jax.jit(jax.grad(lambda ad: loss_fn(ad, params, batch, jax.random.key(0))[0]))(adapters)
     g = grads["h"]["attn"]["c_attn"]
     assert not np.any(g["lora_a"]) and np.abs(g["lora_b"]).max() > 0  # B = 0: only B moves at step 0
 

@@ -89,11 +89,11 @@ def test_step_zero_is_the_base_model_and_only_adapters_change(runs, tmp_path):
     with sharding.activate(s.mesh):
         state = s.init_state()
         tx, schedule = trainer.make_optimizer(c), trainer.lr_schedule(c)
-        step = trainer.jit_train_step(s.loss_fn, tx, schedule, s.state_shardings, s.mesh, s.combine)
+        step = trainer.jit_train_step(s.loss_fn, tx, schedule, s.state_shardings, s.mesh)
         before = jax.device_get(jax.tree.map(jax.numpy.copy, state))  # host views would block donation
         pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state["frozen"])]
         new, metrics = step(state, tokens)
-        base_loss = jax.jit(trainer.lm_loss(s.config))(base, jax.tree.map(lambda x: x[0], tokens), None)[0]
+        base_loss = jax.jit(trainer.lm_loss(s.config))(base, {}, jax.tree.map(lambda x: x[0], tokens), None)[0]
     assert float(metrics["loss"]) == float(base_loss)
     assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(new["frozen"])] == pointers
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new["frozen"]), before["frozen"])

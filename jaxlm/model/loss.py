@@ -1,45 +1,64 @@
-"""The LoRA side of the trainer's seam: `step` differentiates only state["params"] (the adapters) and calls
-`loss_fn(combine(state["params"], state["frozen"]), batch, rng)`, state["frozen"] being the base params.
+"""The LM loss: next-token cross-entropy, optionally masked, as the one function the train and eval steps take.
 
-`combine` only pairs the two trees (no copy, no merge): the model adds s * dropout(x) A B per layer, so
-the base weights are read in place and get neither gradients nor optimizer state.
+`lm_loss(config, lora=None)` returns `loss_fn(trainable, frozen, batch, rng) -> (loss, {"tokens": n})`: the
+step differentiates `trainable` only and passes `frozen` through (nanodo's seam). Which params are which is
+the loss's business: without LoRA the two are parts of one params tree (everything trains unless the caller
+froze a part; `frozen` may be {}); with LoRA, `trainable` are the adapters and `frozen` the base params,
+which the model reads in place (`lora_variables`): no merge, no copy, no gradients for the base.
+`batch` has `tokens` int32 [B, T+1] and `mask` float32 [B, T] or None (1 where a target counts); `rng` is the
+dropout key, or None for evaluation (dropout off); "tokens" is the number of targets counted.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from ..config import GPTConfig
 from ..lora.adapters import LoraConfig
-from .gpt import GPT, cross_entropy
+from ..utils.tree import combine
+from .gpt import GPT
 
 
-def combine(adapters, base) -> dict:
-    """(trainable adapters, frozen base) -> what `lora_loss`'s loss_fn takes."""
-    return {"base": base, "lora": adapters}
+def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT=None):
+    """Mean token cross-entropy in float32; `mask_BxT` excludes positions (e.g. padding)."""
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    picked_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    nll_BxT = logz_BxT - picked_BxT
+    if mask_BxT is None:
+        return nll_BxT.mean()
+    mask_BxT = mask_BxT.astype(jnp.float32)
+    return (nll_BxT * mask_BxT).sum() / jnp.maximum(mask_BxT.sum(), 1.0)
+
+
+def params_variables(trainable, frozen) -> dict:
+    """The model's variables when the trainable and frozen trees are two parts of its params."""
+    return {"params": combine(trainable, frozen)}
+
+
+def lora_variables(adapters, base) -> dict:
+    """The model's variables for `GPT(config, lora=...)`: the base params and the adapters beside them."""
+    return {"params": base, "lora": adapters}
+
+
+def lm_loss(config: GPTConfig, lora: LoraConfig | None = None):
+    """loss_fn(trainable, frozen, batch, rng) -> (loss, {"tokens": targets counted}) of GPT(config, lora)."""
+    model = GPT(config, lora=lora)
+    variables = params_variables if lora is None else lora_variables
+
+    def loss_fn(trainable, frozen, batch, rng):
+        train = rng is not None
+        logits_BxTxV = model.apply(
+            variables(trainable, frozen), batch.tokens[..., :-1], train=train, rngs={"dropout": rng} if train else None
+        )
+        targets_BxT = batch.tokens[..., 1:]
+        counted = targets_BxT.size if batch.mask is None else batch.mask.sum()
+        return cross_entropy(logits_BxTxV, targets_BxT, batch.mask), {"tokens": jnp.asarray(counted, jnp.float32)}
+
+    return loss_fn
 
 
 def lora_loss(config: GPTConfig, lora: LoraConfig):
-    """loss_fn(params, batch, rng) -> (loss, {"tokens": counted targets}), params = combine(adapters, base).
-
-    `batch` has `tokens` int32 [B, T+1] and `mask` float32 [B, T] or None (1 where a target counts):
-    the masked mean cross-entropy, with model and LoRA dropout drawn from `rng` (None: no dropout).
-    """
-    model = GPT(config, lora=lora)
-
-    def loss_fn(params, batch, rng):
-        tokens_BxT1 = batch.tokens
-        train = rng is not None  # None: evaluation, dropout off (the train library's convention)
-        logits_BxTxV = model.apply(
-            {"params": params["base"], "lora": params["lora"]},
-            tokens_BxT1[..., :-1],
-            train=train,
-            rngs={"dropout": rng} if train else None,
-        )
-        mask_BxT = batch.mask
-        if mask_BxT is None:
-            mask_BxT = jnp.ones(tokens_BxT1[..., 1:].shape, jnp.float32)
-        loss = cross_entropy(logits_BxTxV, tokens_BxT1[..., 1:], mask_BxT)
-        return loss, {"tokens": mask_BxT.sum()}
-
-    return loss_fn
+    """The LM loss with LoRA adapters as the trainable tree and the base as the frozen one: `lm_loss(config, lora)`."""
+    return lm_loss(config, lora)

@@ -1,8 +1,8 @@
 """LoRA runs on the training library: the adapters are the trainable state, the pretrained base the frozen part.
 
 state["params"] = adapters (`lora.init`, or a PEFT adapter's from --adapter), state["frozen"] = the base
-params, the loss `lora_loss` and `combine` `lora_combine`: the step itself is the library's, so only the
-adapters get gradients and Adam moments, and the base is donated through each step unchanged (not copied).
+params, the loss `lm_loss(config, lora)`: the step itself is the library's, so only the adapters get
+gradients and Adam moments, and the base is donated through each step unchanged (not copied).
 A run checkpoint holds the adapters and their optimizer state only; the base (hundreds of MB that never
 change) is recorded by source and fingerprint, reloaded on resume or load, and refused if its weights changed.
 """
@@ -20,8 +20,9 @@ from ..io import load as loader
 from ..lora import adapters as lora_lib
 from ..lora import peft as peft_io
 from ..model.gpt import param_shapes
-from ..model.loss import combine, lora_loss
+from ..model.loss import lm_loss
 from ..parallel import sharding
+from .state import fresh_state
 from .state import layout as state_layout
 
 FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_rslora", "adapter")
@@ -104,20 +105,17 @@ def own(tree, shardings, dtype):
 
 def new_lora_state(config: GPTConfig, lc, tx, shardings: dict, seed: int, base, adapters=None) -> dict:
     """A fresh LoRA train state: PEFT-initialised adapters (B = 0) unless given, the base placed once."""
-    init_key, rng = jax.random.split(jax.random.key(seed))
-    if adapters is None:
-        adapters = jax.jit(lambda k: lora_lib.init(k, config, lc), out_shardings=shardings["params"])(init_key)
-    else:
-        adapters = own(adapters, shardings["params"], config.param_dtype)
-    return {
-        "params": adapters,
-        "frozen": own(base, shardings["frozen"], config.param_dtype),
-        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(adapters),
-        "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
-        "rng": jax.device_put(jax.random.key_data(rng), shardings["rng"]),
-    }
+
+    def make(init_key):
+        if adapters is None:
+            fresh = jax.jit(lambda k: lora_lib.init(k, config, lc), out_shardings=shardings["params"])(init_key)
+        else:
+            fresh = own(adapters, shardings["params"], config.param_dtype)
+        return fresh, own(base, shardings["frozen"], config.param_dtype)
+
+    return fresh_state(tx, shardings, seed, make)
 
 
 def lora_seam(config: GPTConfig, lc: lora_lib.LoraConfig):
-    """(loss_fn, combine) the step is built with."""
-    return lora_loss(config, lc), combine
+    """The loss the step is built with: the LM loss with the adapters as its trainable tree."""
+    return lm_loss(config, lc)

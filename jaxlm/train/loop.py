@@ -107,9 +107,9 @@ class Loop:
         (lowered from shapes alone) while the state is built or restored."""
         s, t = self.s, time.perf_counter()
         state_abstract = {k: abstract(s.state_shapes[k], s.state_shardings[k]) for k in s.state_shapes}
-        step = jit_train_step(loss_fn, make_optimizer(s.cfg), lr_schedule(s.cfg), s.state_shardings, s.mesh, s.combine)
+        step = jit_train_step(loss_fn, make_optimizer(s.cfg), lr_schedule(s.cfg), s.state_shardings, s.mesh)
         lowered = {T: step.lower(state_abstract, self.batches.abstract(T)) for T in self.batches.lengths}
-        eval_lowered = jax.jit(make_eval_step(loss_fn, s.combine)).lower(
+        eval_lowered = jax.jit(make_eval_step(loss_fn)).lower(
             state_abstract["params"], state_abstract["frozen"], self.batches.val
         )
         with ThreadPoolExecutor(2) as pool:

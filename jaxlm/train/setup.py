@@ -24,7 +24,7 @@ from ..io import load as loader
 from ..io import runs
 from ..lora.adapters import describe as describe_lora
 from ..parallel import sharding
-from ..utils.tree import combine, leaf_paths
+from ..utils.tree import leaf_paths
 from .adapters import FLAGS as LORA_FLAGS
 from .adapters import (
     base_record,
@@ -64,7 +64,6 @@ class Setup:
     frozen_paths: tuple[str, ...] = ()  # params held fixed ("a/b/leaf"), recorded with each checkpoint
     lora: dict | None = None  # a LoRA run: {"config", "base": {"source", "fingerprint"}}, recorded likewise
     loss_fn: Callable | None = None  # None: the LM loss of `config`
-    combine: Callable = combine
 
 
 def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, trainable=None) -> Setup:
@@ -169,9 +168,9 @@ def _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flag
             return new_lora_state(config, lc, tx, shardings, cfg.seed, held.pop(), adapters)
 
     log(describe_lora(config, lc) + (f" (continuing {cfg.adapter})" if cfg.adapter and not start else ""))
-    loss_fn, lora_combine = lora_seam(config, lc)
+    loss_fn = lora_seam(config, lc)
     meta = lora_run_meta(lc, base)
-    return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, (), meta, loss_fn, lora_combine)
+    return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, (), meta, loss_fn)
 
 
 def _check_writable(out: Path):

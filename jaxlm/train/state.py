@@ -56,22 +56,33 @@ def abstract(shapes, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
-def new_state(config: GPTConfig, tx, shardings: dict, seed: int, params=None, trainable=None) -> dict:
-    """A fresh train state on its shardings: random params (a jitted init, born sharded) unless given."""
+def fresh_state(tx, shardings: dict, seed: int, make) -> dict:
+    """A step-0 train state on `shardings`: `make(init_key)` gives (trainable, frozen) placed on their
+    shardings; the optimizer state is born sharded and the dropout key is the seed's."""
     init_key, rng = jax.random.split(jax.random.key(seed))
-    full = combine(shardings["params"], shardings["frozen"])
-    if params is None:
-        params = jax.jit(partial(init_params, config), out_shardings=full)(init_key)
-    else:
-        params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, config.param_dtype), s), params, full)
-    train, frozen = partition(params, trainable)
+    trainable, frozen = make(init_key)
     return {
-        "params": train,
+        "params": trainable,
         "frozen": frozen,
-        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(train),
+        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(trainable),
         "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
         "rng": jax.device_put(jax.random.key_data(rng), shardings["rng"]),
     }
+
+
+def new_state(config: GPTConfig, tx, shardings: dict, seed: int, params=None, trainable=None) -> dict:
+    """A fresh train state of GPT(config): random params (a jitted init, born sharded) unless given, split by
+    `trainable` (a predicate on param paths; None: everything trains)."""
+    full = combine(shardings["params"], shardings["frozen"])
+
+    def make(init_key):
+        if params is None:
+            placed = jax.jit(partial(init_params, config), out_shardings=full)(init_key)
+        else:
+            placed = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, config.param_dtype), s), params, full)
+        return partition(placed, trainable)
+
+    return fresh_state(tx, shardings, seed, make)
 
 
 def checkpoint_items(state: dict, with_frozen: bool = True) -> dict:

@@ -1,15 +1,14 @@
-"""The train and eval steps, built around a loss function passed in (nanodo's seam).
+"""The train and eval steps, built around the loss function passed in (nanodo's seam; `jaxlm.model.lm_loss`).
 
-`loss_fn(params, batch, rng) -> (loss, aux)` is all a step knows of the model: the plain LM loss, a
-loss masked to completion tokens and a LoRA loss are different loss functions (or trainable sets), not
-different steps. `rng` is the dropout key, or None for evaluation (dropout off). `aux["tokens"]` is the
-number of targets the loss counted; gradient accumulation weights micro-batches by it, so a masked loss is
-the mean over the whole batch's counted tokens.
+`loss_fn(trainable, frozen, batch, rng) -> (loss, aux)` is all a step knows of the model: the plain LM loss,
+one masked to completion tokens and a LoRA loss are the same function over different batches or trainable
+trees, not different steps. `rng` is the dropout key, or None for evaluation (dropout off). `aux["tokens"]`
+is the number of targets the loss counted; gradient accumulation weights micro-batches by it, so a masked
+loss is the mean over the whole batch's counted tokens.
 
 The state is a dict: "params" (the trainable pytree: the only part differentiated and given optimizer
-state), "frozen" (held fixed; {} or absent when everything trains), "opt_state", "step" (updates done) and
-"rng" (key data; step s draws fold_in(rng, s)). `combine(trainable, frozen)` gives the params the loss
-sees: by default the union of two partial trees of the same model (`jaxlm.utils.tree.combine`).
+state), "frozen" (held fixed; {} when everything trains), "opt_state", "step" (updates done) and "rng" (key
+data; step s draws fold_in(rng, s)).
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import GPTConfig
-from ..model.gpt import GPT, cross_entropy
+from ..model.loss import lm_loss
 from ..parallel import sharding
-from ..utils.tree import combine
 
 
 class Batch(NamedTuple):
@@ -35,23 +33,7 @@ class Batch(NamedTuple):
     mask: jax.Array | None = None  # float32 [..., B, T]: 1 where a target counts (None: all count)
 
 
-LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, dict]]
-
-
-def lm_loss(config: GPTConfig) -> LossFn:
-    """Next-token cross-entropy of GPT(config), masked by `batch.mask` when it has one."""
-    model = GPT(config)
-
-    def loss_fn(params, batch: Batch, rng):
-        train = rng is not None
-        logits_BxTxV = model.apply(
-            {"params": params}, batch.tokens[:, :-1], train=train, rngs={"dropout": rng} if train else None
-        )
-        targets_BxT = batch.tokens[:, 1:]
-        counted = targets_BxT.size if batch.mask is None else batch.mask.sum()
-        return cross_entropy(logits_BxTxV, targets_BxT, batch.mask), {"tokens": jnp.asarray(counted, jnp.float32)}
-
-    return loss_fn
+LossFn = Callable[[Any, Any, Batch, jax.Array | None], tuple[jax.Array, dict]]
 
 
 def as_batch(batch) -> Batch:
@@ -59,9 +41,7 @@ def as_batch(batch) -> Batch:
     return batch if isinstance(batch, Batch) else Batch(batch)
 
 
-def make_train_step(
-    loss_fn: LossFn | GPTConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, combine=combine
-):
+def make_train_step(loss_fn: LossFn | GPTConfig, tx: optax.GradientTransformation, schedule: optax.Schedule):
     """(state, batch) -> (state, metrics): `batch` holds A micro-batches ([A, B, T+1] tokens), one update.
 
     A GPTConfig in place of `loss_fn` means the plain LM loss of that model.
@@ -70,10 +50,7 @@ def make_train_step(
         loss_fn = lm_loss(loss_fn)
 
     def grads_of(trainable, frozen, batch, key):
-        def f(t):
-            return loss_fn(combine(t, frozen), batch, key)
-
-        (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(trainable)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, key)
         return loss, aux["tokens"], grads
 
     def step(state, batch):
@@ -110,16 +87,15 @@ def make_train_step(
     return step
 
 
-def make_eval_step(loss_fn: LossFn | GPTConfig, combine=combine):
+def make_eval_step(loss_fn: LossFn | GPTConfig):
     """(params, frozen, batches) -> mean loss over E batches ([E, B, T+1] tokens; dropout off). With a mask,
     the mean over all the tokens counted in the E batches (each batch weighted by its count, as in training)."""
     if isinstance(loss_fn, GPTConfig):
         loss_fn = lm_loss(loss_fn)
 
     def step(params, frozen, batches):
-        full = combine(params, frozen)
         batches = as_batch(batches)
-        loss_E, aux = jax.lax.map(lambda b: loss_fn(full, b, None), batches)
+        loss_E, aux = jax.lax.map(lambda b: loss_fn(params, frozen, b, None), batches)
         if batches.mask is None:
             return loss_E.mean()
         return (loss_E * aux["tokens"]).sum() / jnp.maximum(aux["tokens"].sum(), 1.0)
@@ -132,11 +108,11 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, *sharding.batch_sharding(mesh).spec))
 
 
-def jit_train_step(loss_fn, tx, schedule, state_shardings: dict, mesh, combine=combine):
+def jit_train_step(loss_fn, tx, schedule, state_shardings: dict, mesh):
     """The train step jitted as the loop runs it: state donated, placed on `state_shardings`, the batch on
     `batch_sharding(mesh)`, metrics replicated."""
     return jax.jit(
-        make_train_step(loss_fn, tx, schedule, combine),
+        make_train_step(loss_fn, tx, schedule),
         in_shardings=(state_shardings, batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,

@@ -22,7 +22,7 @@ from jaxlm.parallel import sharding
 CONFIG = jaxlm.GPTConfig(vocab_size=100, block_size=64, n_layer=2, n_head=8, n_embd=64)
 PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79], [50]]
 MAX_NEW = 20
-SAMPLED = dict(temperature=1.0, top_k=20, top_p=0.9, seed=3)
+SAMPLED = dict(do_sample=True, temperature=1.0, top_k=20, top_p=0.9, seed=3)
 
 
 def random_params():

@@ -238,6 +238,7 @@ def test_fuzz_generate(tiny_params, prompts, max_new, temperature, top_k, top_p,
             TINY,
             prompts,
             max_new_tokens=max_new,
+            do_sample=None,  # jaxlm's rule: sampled unless temperature is 0
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,

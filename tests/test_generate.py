@@ -124,7 +124,7 @@ def test_sampling_is_seeded_and_rows_draw_independently(small):
     _, config, params = small
     gen = Generator(params, config)
     prompts = [[1, 2, 3]] * 3
-    opts = dict(max_new_tokens=24, temperature=1.0, top_k=20, top_p=0.9, eos_id=None)
+    opts = dict(max_new_tokens=24, do_sample=True, temperature=1.0, top_k=20, top_p=0.9, eos_id=None)
     a = gen(prompts, seed=1, **opts)
     assert a == gen(prompts, seed=1, **opts)
     assert a != gen(prompts, seed=2, **opts)
@@ -230,3 +230,16 @@ def test_bad_input_is_a_clear_error(small, kwargs, message):
     args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
     with pytest.raises(jaxlm.JaxlmError, match=message):
         generate(params, config, args.pop("prompts"), **args)
+
+
+def test_defaults_follow_transformers_greedy_unless_do_sample(small):
+    """The brief's call, `generate(params, config, prompts, max_length=50, num_return_sequences=1)`, is greedy, as
+    transformers' `generate` is for GPT-2 unless do_sample=True; sampling options alone warn and stay greedy."""
+    _, config, params = small
+    prompts = [[1, 2, 3]]
+    greedy = generate(params, config, prompts, max_length=12, num_return_sequences=1, eos_id=None)
+    assert greedy == generate(params, config, prompts, max_length=12, temperature=0.0, eos_id=None)
+    with pytest.warns(UserWarning, match="pass do_sample=True to sample"):
+        assert generate(params, config, prompts, max_length=12, temperature=0.8, seed=1, eos_id=None) == greedy
+    sampled = [generate(params, config, prompts, max_length=12, do_sample=True, seed=s, eos_id=None) for s in (1, 2)]
+    assert sampled[0] != greedy or sampled[1] != greedy

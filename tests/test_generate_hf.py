@@ -108,7 +108,7 @@ def test_max_length_counts_the_longest_prompt(shape):
 @pytest.mark.parametrize("shape", ["b"], indirect=True)
 def test_sampled_num_return_sequences_draw_apart(shape):
     name, _, gen, eos, prompts = shape
-    out = gen(prompts[:2], num_return_sequences=3, max_new_tokens=10, top_k=20, seed=3, eos_id=None)
+    out = gen(prompts[:2], do_sample=True, num_return_sequences=3, max_new_tokens=10, top_k=20, seed=3, eos_id=None)
     assert len(out) == 6 and len({tuple(r) for r in out[:3]}) > 1  # prompt-major, each its own draws
 
 

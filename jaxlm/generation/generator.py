@@ -118,7 +118,7 @@ class Generator:
         max_new_tokens: int | None = None,
         max_length: int | None = None,
         min_new_tokens: int = 0,
-        do_sample: bool | None = None,
+        do_sample: bool | None = False,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float = 1.0,
@@ -135,9 +135,11 @@ class Generator:
         """New token ids, `num_return_sequences` lists per prompt, best beam first.
 
         The options are transformers' (`jaxlm.generation.options` for the mapping): `max_length` counts the
-        prompt, `max_new_tokens` does not (neither: 100, or what block_size leaves). temperature 0 is
-        greedy; top_k / top_p filter as HF's warpers do; `seed` fixes the draws; `do_sample=False` is
-        greedy (or beam search) whatever the temperature. `eos_id`: the token that ends a row; "auto"
+        prompt, `max_new_tokens` does not (neither: 100, or what block_size leaves). As in transformers for
+        GPT-2, decoding is greedy (or beam search with `num_beams` > 1) unless `do_sample=True`, whatever the
+        temperature; with `do_sample=True`, temperature, then top_k / top_p filter as HF's warpers do and
+        `seed` fixes the draws. `do_sample=None` is jaxlm's command-line rule: sample unless temperature is
+        0 (what `python sample.py` does by default). `eos_id`: the token that ends a row; "auto"
         is <|endoftext|> (50256) when the vocabulary has it, None never stops early. An empty prompt
         is an error: start from [eos_id] instead. `on_tokens(tokens_B, step, done_B)` is called on the
         host as each step's tokens exist (streaming; not with beams, which reorder as they go).

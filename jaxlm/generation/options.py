@@ -2,9 +2,10 @@
 
 The mapping to `GenerationConfig`: `max_length` counts the prompt (the longest one, as HF does with
 left padding), `max_new_tokens` wins when both are given, neither means 100 new tokens.
-`do_sample=None` keeps jaxlm's own rule (sample unless temperature is 0) for one beam and means beam
-search (not beam sampling) for several; `do_sample=False` is greedy or beam search whatever the
-temperature; `do_sample=True` samples and needs temperature > 0. What HF's `validate` rejects
+`do_sample=False` (the default, as transformers' for GPT-2) is greedy or beam search whatever the
+temperature, and warns, as transformers does, when sampling options were set; `do_sample=True` samples and
+needs temperature > 0; `do_sample=None` is the command line's rule (sample unless temperature is 0) for one
+beam, and beam search (not beam sampling) for several. What HF's `validate` rejects
 (greedy with num_return_sequences > 1, num_return_sequences > num_beams, a bad early_stopping) and
 every value out of range is a JaxlmError naming the fix.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 from ..config import GPTConfig
@@ -53,7 +55,7 @@ def resolve(
     max_new_tokens=None,
     max_length=None,
     min_new_tokens=0,
-    do_sample=None,
+    do_sample=False,
     temperature=1.0,
     top_k=None,
     top_p=1.0,
@@ -80,6 +82,13 @@ def resolve(
         mode = "beam"
     else:
         mode = "sample" if (do_sample if do_sample is not None else not sampling.greedy) else "greedy"
+    if do_sample is False and not sampling.greedy and (temperature != 1.0 or top_k is not None or top_p != 1.0):
+        warnings.warn(
+            "do_sample=False: decoding is greedy (or beam search), so temperature, top_k and top_p are not used; "
+            "pass do_sample=True to sample",
+            UserWarning,
+            stacklevel=3,
+        )
     if num_return_sequences > 1:
         if mode == "greedy":
             raise JaxlmError(

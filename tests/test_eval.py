@@ -428,8 +428,10 @@ def test_head_chunks_and_first_max_equal_logsumexp_and_argmax():
 
     rng = np.random.default_rng(0)
     N, D, V = 300, 16, 1000  # 300 rows: full chunks of 64 or 128 and a padded one
-    hidden = rng.standard_normal((N, D)).astype(np.float32)
-    wte = rng.standard_normal((V, D)).astype(np.float32)
+    # Small integers: every logit is exact whatever order a matmul sums in, so ties are ties on any CPU.
+    hidden = rng.integers(-3, 4, (N, D)).astype(np.float32)
+    wte = rng.integers(-3, 4, (V, D)).astype(np.float32)
+    wte[3] = 3 * rng.choice([-1, 1], D)  # the longest row a [-3, 3] vocabulary can have: rows 10 * wte[3] max at 3
     wte[7] = wte[900] = wte[3]  # rows whose max is at 3 hold it at 7 and 900 too: argmax says 3
     hidden[40:50] = 10 * wte[3]
     logits = hidden @ wte.T

@@ -28,7 +28,6 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ..errors import JaxlmError
 from ..tokenizer import CharTokenizer, get_tokenizer
@@ -211,6 +210,8 @@ def prepare(
         raise JaxlmError(f"unknown tokenizer {tokenizer!r}; use gpt2 or char")
     if out.exists() and not exist_ok:
         raise JaxlmError(f"{out} already exists; choose a new output directory")
+    from tqdm import tqdm  # only when preparing: `import jaxlm` stays light
+
     files = _source_files(src)
     total_bytes = sum(f.stat().st_size for f in files)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
-from helpers import save_random_hf
+from helpers import run_py, save_random_hf
 from rouge_score import rouge_scorer
 
 from jaxlm.cli import run_cli
@@ -66,3 +66,20 @@ def test_task_file_mistakes_are_one_line_errors(model, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answers": ["a"]}\n{oops\n')
     fails(["--task", "qa", str(bad)], "line 2 is not valid JSON")
+
+
+@pytest.mark.parametrize("task, package", [("summarize", "rouge_score"), ("translate", "sacrebleu")])
+def test_a_missing_metric_package_names_the_extra_before_loading(task, package, tmp_path):
+    """Without the `tasks` extra's packages, one line naming `pip install 'jaxlm[tasks]'`, before the model is
+    read (the model path does not even exist here)."""
+    code = (
+        f"import sys; sys.modules[{package!r}] = None\n"  # as if not installed: import raises ImportError
+        "from jaxlm.cli import run_cli; from jaxlm.eval import cli\n"
+        f"sys.exit(run_cli(cli.main, [{str(tmp_path / 'no-model')!r}, '--task', {task!r}, {str(FILES[task])!r}]))"
+    )
+    r = run_py("-c", code)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {'ROUGE' if task == 'summarize' else 'BLEU and chrF'} (--task {task}) needs the {package} package: "
+        "pip install 'jaxlm[tasks]'"
+    )

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +18,9 @@ from ..errors import JaxlmError
 from ..io import load as loader
 from ..lora import peft as peft_io
 from ..tokenizer import from_spec
+from ..utils.publish import write_file
 from .files import locate
+from .metrics import require_metric
 from .registry import TASKS, Options, parse_tasks, runnable
 
 
@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     for task, file in chosen:
         if task.data or file:
             locate(task.data, file, args.data_dir)
+        require_metric(task.name)  # before the weights are read
     explicit = "all" not in [s.strip() for s in args.task.split(",")]
     if not args.return_freed_memory:
         keep_freed_memory()  # before the weights load: XLA:CPU's per-call buffers then stop page-faulting
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
         print(f"wrote {out}")
         for name, rows in predictions.items():
             path = out.with_name(f"{out.stem}.{name}.jsonl")
-            write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            write_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             print(f"wrote {path} ({len(rows)} predictions)")
     return 0
 
@@ -159,17 +160,4 @@ def _fmt(v) -> str:
 
 
 def write_json(path: Path, report: dict):
-    write_text(path, json.dumps(report, indent=1) + "\n")
-
-
-def write_text(path: Path, text: str):
-    """Written to a temporary file beside `path`, then renamed: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(path, json.dumps(report, indent=1) + "\n")

@@ -12,20 +12,35 @@ import re
 import string
 from collections import Counter
 
+from ..utils.extras import require
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
-def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
-    from rouge_score import rouge_scorer
+# The task metrics' packages come with the `tasks` extra: name -> (module, what needs it).
+NEEDS = {
+    "summarize": ("rouge_score.rouge_scorer", "ROUGE (--task summarize)"),
+    "translate": ("sacrebleu", "BLEU and chrF (--task translate)"),
+}
 
+
+def require_metric(task: str):
+    """The metric package `task` needs (a one-line error naming `jaxlm[tasks]` when it is not installed)."""
+    if task not in NEEDS:
+        return None
+    module, what = NEEDS[task]
+    return require(module, "tasks", what)
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    rouge_scorer = require_metric("summarize")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
     return {t: 100 * sum(s[t].fmeasure for s in scores) / max(len(scores), 1) for t in ROUGE_TYPES}
 
 
 def bleu_chrf(predictions: list[str], references: list[str]) -> dict[str, float]:
-    import sacrebleu
-
+    sacrebleu = require_metric("translate")
     return {
         "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
         "chrf": sacrebleu.corpus_chrf(predictions, [references]).score,

@@ -3,7 +3,10 @@
 `jaxlm.eval.wikitext2(params, config, tokenizer)`, `.lambada(...)`, `.hellaswag(...)` return dicts of
 metrics; `python -m jaxlm.eval SOURCE --task all` runs them from the command line. All three rest on
 one primitive, `Scorer` (loglik.py). Generation tasks (summarize, translate, qa) are in `jaxlm.eval.tasks`,
-scored by `jaxlm.eval.metrics` (rouge-score, sacrebleu, SQuAD's EM/F1).
+scored by `jaxlm.eval.metrics` (rouge-score, sacrebleu: the `jaxlm[tasks]` extra; SQuAD's EM/F1).
+
+May import: every package below it in docs/design.md's order (errors, config, tokenizer, utils, cli, cpu,
+kernels, lora, model, parallel, data, io, generation); never train or serve.
 """
 
 from .hellaswag import hellaswag

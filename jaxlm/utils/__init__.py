@@ -1,5 +1,6 @@
-"""Small internal utilities every layer may use: publishing files and directories atomically, the cache
-directory, and nested-dict trees split and joined by leaf path.
+"""Small internal utilities every layer may use: publishing files and directories atomically (publish), the
+cache directory (cache), nested-dict trees split, joined and counted (tree), small JSON description files
+(files), optional packages behind pip extras (extras).
 
 May import: jaxlm.errors only.
 """

@@ -10,6 +10,10 @@ class JaxlmError(ValueError):
     """A mistake in what the user asked for or handed in (a path, a flag, a file), not a bug."""
 
 
+class StopRequested(Exception):
+    """A stop the user asked for (Ctrl-C during a streaming decode loop): not an error to report."""
+
+
 def disk_full(e: BaseException) -> str | None:
     """ "no space left on device" or "file too large" when `e`, or what caused it, is that; else None.
 

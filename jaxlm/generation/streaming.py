@@ -1,27 +1,15 @@
 """Streaming tokens out of the compiled loop: its host callback goes to the running call's `on_tokens`,
-and Ctrl-C stops the loop at the next step instead of waiting for its end."""
+and Ctrl-C stops the loop at the next step instead of waiting for its end (the callback raises
+StopRequested, which jax logs; the command line drops that record)."""
 
 from __future__ import annotations
 
-import logging
 import threading
 
 import jax
 import numpy as np
 
-
-class _Stop(Exception):
-    pass
-
-
-class _QuietStop(logging.Filter):
-    """jax logs a callback's exception with its traceback; a Ctrl-C stop is not an error."""
-
-    def filter(self, record):
-        return not (record.exc_info and isinstance(record.exc_info[1], _Stop))
-
-
-logging.getLogger("jax._src.callback").addFilter(_QuietStop())
+from ..errors import StopRequested
 
 
 class stream_to:
@@ -71,6 +59,6 @@ class stream_to:
 def emit(tok_B, i, done_B):
     stream = stream_to.current
     if stream is not None and stream.stop:
-        raise _Stop("interrupted")
+        raise StopRequested("interrupted")
     if stream is not None and stream.sink is not None:
         stream.sink(np.asarray(tok_B), int(i), np.asarray(done_B))

@@ -6,7 +6,6 @@ it when complete, so a run killed mid-save restarts from the previous step.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from ..config import GPTConfig
 from ..errors import JaxlmError
 from ..lora import adapters as lora_lib
 from ..model.gpt import param_shapes
+from ..parallel.sharding import placed_shapes
 from ..utils.tree import combine, partition
 from .checkpoint import CheckpointError, _reason
 
@@ -24,35 +24,19 @@ RUN_ITEMS = ("params", "opt_state", "progress", "frozen", "meta")  # progress: s
 RUN_FORMAT = "jaxlm-run"
 
 
-class _QuietFailedSaves(logging.Filter):
-    """Drop the tracebacks Orbax logs for a failed background save: the same error is re-raised to the caller
-    at the next save or wait, which reports it (as one line when the disk is full)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and "orbax" in record.pathname)
-
-
-_quiet_failed_saves = _QuietFailedSaves()
-
-
 def run_manager(directory, max_to_keep: int | None = None, *, read_only: bool = False) -> ocp.CheckpointManager:
-    """A CheckpointManager over `directory` that saves asynchronously and keeps the last `max_to_keep` steps."""
+    """A CheckpointManager over `directory` that saves asynchronously and keeps the last `max_to_keep` steps.
+
+    `read_only`: one that creates, cleans and keeps nothing, for reading (jaxlm never saves through it). Not
+    Orbax's own read_only option, which logs a warning each time a run is opened for loading.
+    """
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep,
-        save_interval_steps=0 if read_only else 1,
         create=not read_only,
-        read_only=read_only,
         cleanup_tmp_directories=not read_only,  # leftovers of a save that was killed
         enable_async_checkpointing=True,
     )
-    absl_logger = logging.getLogger("absl")
-    absl_logger.addFilter(_quiet_failed_saves)  # once: adding the same filter again is a no-op
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # Orbax warns that a read-only manager is read-only
-    try:
-        return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=RUN_ITEMS)
-    finally:
-        absl_logger.setLevel(level)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=RUN_ITEMS)
 
 
 def open_run(run_dir, max_to_keep: int | None = None, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -127,10 +111,7 @@ def load_run(run_dir, shardings=None, step: int | None = None):
         )
     config = GPTConfig.from_dict(meta["model"])
     shapes = param_shapes(config)
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, shapes)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    target = placed_shapes(shapes, shardings)
     frozen_paths = set(meta.get("frozen_paths", ()))
     trainable, frozen = partition(target, lambda path: path not in frozen_paths)
     r = restore_run(run_dir, step, {"params": trainable, **({"frozen": frozen} if frozen else {})})
@@ -149,10 +130,7 @@ def load_run_adapters(run_dir, shardings=None, step: int | None = None):
     except (JaxlmError, KeyError, TypeError) as e:
         raise CheckpointError(f"{run_dir} records an invalid LoRA config: {e}") from None
     shapes = lora_lib.shapes(config, lora)
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, shapes)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    target = placed_shapes(shapes, shardings)
     adapters = restore_run(run_dir, step, {"params": target})["params"]
     return config, lora, adapters, dict(meta["lora"].get("base") or {}), meta.get("tokenizer")
 

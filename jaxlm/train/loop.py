@@ -8,6 +8,7 @@ The step is jitted with donated state and the host never waits for it except to 
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..config import TrainConfig
 from ..errors import JaxlmError, disk_full
 from ..io import runs
 from ..parallel import distributed, sharding
+from ..parallel.sharding import placed_shapes
 from .batches import batches_for
 from .flags import parse_train_flags
 from .metrics import RunLog, measure_matmul_flops, peak_flops_per_device
@@ -34,8 +36,8 @@ from .runtime import (
     persistent_compile_cache,
     record_layout,
 )
-from .setup import RunComplete, Setup, check_incomplete, describe, resume_config, run_meta, setup
-from .state import abstract, checkpoint_items
+from .setup import RunComplete, Setup, check_incomplete, resume_config, run_meta, setup
+from .state import checkpoint_items
 from .step import batch_sharding, jit_train_step, lm_loss, make_eval_step
 
 
@@ -79,8 +81,8 @@ class Loop:
         self.batches = batches_for(s.data, cfg.seed, (A, B), T, cfg.eval_iters, batch_sh, rows)
         lengths = self.batches.lengths
         log(
-            f"model: {config.num_params() / 1e6:.2f}M params ({describe(config)}, {config.dtype}); data: "
-            f"{self.batches.describe()}; {A}x{B}x{'|'.join(map(str, lengths))} tokens/step on {mesh.size} "
+            f"model: {config.num_params() / 1e6:.2f}M params ({config.arch_summary()}, {config.dtype}); data: "
+            f"{self.batches.summary()}; {A}x{B}x{'|'.join(map(str, lengths))} tokens/step on {mesh.size} "
             f"{jax.devices()[0].platform} device(s); steps {s.start}..{cfg.max_iters}"
         )
         self.train_steps, self.eval_step, self.state = self._compile(loss_fn)
@@ -106,7 +108,7 @@ class Loop:
         """Compile the train step for each row length the batches can have, and the eval step, in the background
         (lowered from shapes alone) while the state is built or restored."""
         s, t = self.s, time.perf_counter()
-        state_abstract = {k: abstract(s.state_shapes[k], s.state_shardings[k]) for k in s.state_shapes}
+        state_abstract = {k: placed_shapes(s.state_shapes[k], s.state_shardings[k]) for k in s.state_shapes}
         step = jit_train_step(loss_fn, make_optimizer(s.cfg), lr_schedule(s.cfg), s.state_shardings, s.mesh)
         lowered = {T: step.lower(state_abstract, self.batches.abstract(T)) for T in self.batches.lengths}
         eval_lowered = jax.jit(make_eval_step(loss_fn)).lower(
@@ -270,9 +272,23 @@ def main(argv=None) -> int:
         cfg = resume_config(values, explicit, previous[1])
     else:
         cfg = TrainConfig(**values)
+    if cfg.tensorboard:
+        import_tensorboardx_without_torch()
     with distributed.fail_fast_on_peer_loss():
         summary = train(cfg, explicit)
     if summary["stopped_by"] is None and summary["step"] is not None and jax.process_index() == 0:
         flag = "" if cfg.out_dir == "out" else f" --out-dir {cfg.out_dir}"
         print(f"sample from it: python sample.py{flag}")
     return 0
+
+
+def import_tensorboardx_without_torch():
+    """Import tensorboardX as the command does: without torch, which it imports only to accept torch tensors
+    (seconds at start-up; a run logs floats). A command may change the process: the library does not."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        return
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        import tensorboardX  # noqa: F401
+    finally:
+        del sys.modules["torch"]

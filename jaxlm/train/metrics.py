@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from ..utils.publish import write_file
 
 # Dense bf16 peak FLOP/s per JAX device, by device_kind prefix (first match wins).
 PEAK_FLOPS = (
@@ -63,7 +64,9 @@ class RunLog:
         truncate_metrics(self.path, start)
         self.file = open(self.path, "a")
         if tensorboard:
-            self.writer = _summary_writer()(str(out / "tensorboard"), purge_step=start or None)
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start or None)
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=None, file=sys.stderr)
@@ -109,28 +112,12 @@ class RunLog:
         plot_losses(self.path, self.out / "loss.png")
 
 
-def _summary_writer():
-    """tensorboardX's SummaryWriter, imported without torch (it imports torch only to accept its tensors,
-    which costs seconds; we log floats)."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-    else:
-        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
-        try:
-            from tensorboardX import SummaryWriter
-        finally:
-            del sys.modules["torch"]
-    return SummaryWriter
-
-
 def truncate_metrics(path: Path, start: int):
     """Drop rows a resumed run is about to write again (those after its checkpoint), and a row torn by a kill."""
     if not path.exists():
         return
     keep = [line for line, row in _lines(path) if row is not None and start and row["step"] <= start]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_file(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path) -> list[dict]:

@@ -7,7 +7,17 @@ from dataclasses import dataclass
 
 from .errors import JaxlmError
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")  # compute and parameter dtypes (float16 would need loss scaling: not offered)
+ARCH_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+
+
+def check_dtype(dtype, what: str = "dtype") -> str:
+    """`dtype` if jaxlm computes in it, else a one-line error naming the choices."""
+    if dtype == "float16":
+        raise JaxlmError(f"{what} float16 is not supported (jaxlm has no loss scaling for it); use bfloat16")
+    if dtype not in DTYPES:
+        raise JaxlmError(f"{what} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
 
 
 def _field(default, help: str):
@@ -43,8 +53,7 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise JaxlmError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise JaxlmError(f"GPTConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+            check_dtype(getattr(self, name), f"GPTConfig.{name}")
 
     @property
     def head_dim(self) -> int:
@@ -69,6 +78,14 @@ class GPTConfig:
         if name not in PRESETS:
             raise JaxlmError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    def architecture(self) -> dict:
+        """The fields that make two models the same model (the rest is how it computes)."""
+        return {k: getattr(self, k) for k in ARCH_FIELDS}
+
+    def arch_summary(self) -> str:
+        """`vocab_size=65, block_size=128, n_layer=4, n_head=4, n_embd=128`, for messages and logs."""
+        return ", ".join(f"{k}={v}" for k, v in self.architecture().items())
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count (the tied LM head counted once), from the config alone."""
@@ -141,9 +158,7 @@ class TrainConfig:
     block_size: int = _model_opt("block_size")
     dropout: float = _model_opt("dropout")
     vocab_size: int | None = _model_opt("vocab_size", default=None, help="vocabulary size (none: the tokenizer's)")
-    dtype: str = _model_opt(
-        "dtype", help="compute dtype; params and optimizer stay float32", choices=("float32", "bfloat16")
-    )
+    dtype: str = _model_opt("dtype", help="compute dtype; params and optimizer stay float32", choices=DTYPES)
     remat: bool = _model_opt("remat")
     scan_layers: bool = _model_opt("scan_layers")
     # optimisation
@@ -276,69 +291,33 @@ MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadat
 
 DEFAULT_TRAIN_PRESET = "shakespeare-char"
 
-# Training presets: overrides of TrainConfig's defaults (which are "shakespeare-char").
+# Training presets: overrides of TrainConfig's defaults (which are "shakespeare-char"), a line each for the
+# model, the optimisation, then evaluation and output.
+# fmt: off
 TRAIN_PRESETS: dict[str, dict] = {
     # Default: char-level Tiny Shakespeare tuned to finish in minutes on a 2-core CPU.
     "shakespeare-char": {},
     # nanoGPT's README CPU command for shakespeare_char (config/train_shakespeare_char.py + CPU flags).
     "nanogpt-cpu": dict(
-        n_layer=4,
-        n_head=4,
-        n_embd=128,
-        block_size=64,
-        batch_size=12,
-        max_iters=2000,
-        lr_decay_iters=2000,
-        learning_rate=1e-3,
-        min_lr=1e-4,
-        beta2=0.99,
-        warmup_iters=100,
-        dropout=0.0,
-        eval_interval=250,
-        eval_iters=20,
-        log_interval=10,
-        out_dir="out-nanogpt-cpu",
+        n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
+        batch_size=12, max_iters=2000, lr_decay_iters=2000, learning_rate=1e-3, min_lr=1e-4, beta2=0.99,
+        warmup_iters=100, eval_interval=250, eval_iters=20, log_interval=10, out_dir="out-nanogpt-cpu",
     ),
     # GPT-2 124M from scratch on a real corpus (nanoGPT's train_gpt2.py: ~0.5M tokens per step).
     "gpt2-124m": dict(
-        dataset="",
-        tokenizer="gpt2",
-        n_layer=12,
-        n_head=12,
-        n_embd=768,
-        block_size=1024,
-        dropout=0.0,
-        dtype="bfloat16",
-        batch_size=12,
-        gradient_accumulation_steps=40,
-        max_iters=600000,
-        learning_rate=6e-4,
-        min_lr=6e-5,
-        warmup_iters=2000,
-        weight_decay=0.1,
-        beta2=0.95,
-        eval_interval=1000,
-        eval_iters=200,
-        log_interval=10,
+        dataset="", tokenizer="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, dtype="bfloat16",
+        batch_size=12, gradient_accumulation_steps=40, max_iters=600000, learning_rate=6e-4, min_lr=6e-5,
+        warmup_iters=2000, weight_decay=0.1, beta2=0.95, eval_interval=1000, eval_iters=200, log_interval=10,
         out_dir="out-gpt2",
     ),
     # Fine-tune OpenAI's GPT-2 on Tiny Shakespeare (BPE), nanoGPT's finetune_shakespeare recipe.
     "finetune-gpt2": dict(
-        init_from="gpt2",
-        dataset="shakespeare",
-        block_size=256,
-        batch_size=4,
-        gradient_accumulation_steps=8,
-        max_iters=200,
-        learning_rate=3e-5,
-        decay_lr=False,
-        dropout=0.1,
-        eval_interval=50,
-        eval_iters=20,
-        warmup_iters=0,
-        out_dir="out-finetune",
+        init_from="gpt2", dataset="shakespeare", block_size=256, dropout=0.1,
+        batch_size=4, gradient_accumulation_steps=8, max_iters=200, learning_rate=3e-5, decay_lr=False,
+        warmup_iters=0, eval_interval=50, eval_iters=20, out_dir="out-finetune",
     ),
 }
+# fmt: on
 
 
 def _flag(name: str) -> str:

@@ -186,5 +186,5 @@ def test_bfloat16_keeps_weights_and_kv_cache_in_bf16():
 
     loop = next(e for k, e in EXECUTABLES.items() if k[0] == "sample_loop" and dict(k[3:])["path"].c == gen.config)
     assert "bf16[1,2,72,16]" in loop.as_text()  # the per-layer [B, H, S, K] cache
-    with pytest.raises(jaxlm.JaxlmError, match="dtype must be one of float32, bfloat16"):
+    with pytest.raises(jaxlm.JaxlmError, match="dtype float16 is not supported .*; use bfloat16"):
         Generator(params, c, dtype="float16")

@@ -8,14 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import GPTConfig, cross_entropy, init_params
+from jaxlm import GPTConfig, cross_entropy, generate, init_params
 from jaxlm.cli import run_cli
 from jaxlm.data import cli as data_cli
 from jaxlm.data import sft, templates
 from jaxlm.data import tokens as data
 from jaxlm.errors import JaxlmError
 from jaxlm.eval import metrics, tasks
-from jaxlm.generation import generator as generate
 from jaxlm.tokenizer import GPT2Tokenizer
 
 # ../shared/data beside the clone (as CI has it); JAXLM_SHARED_DATA points elsewhere (e.g. from a git worktree)

@@ -18,12 +18,14 @@ import shutil
 import subprocess
 import tempfile
 from importlib import resources
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..utils.cache import cache_dir
+from ..utils.publish import write_file
 
 SOURCE = "decode_linear.cc"
 # dtype: (FFI target, its symbol in the library, CPU level it needs, inputs per packed lane)
@@ -52,7 +54,8 @@ def _compile(src: bytes) -> str:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise OSError(f"{cxx} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-        os.replace(so, out)  # atomic: concurrent first uses each build, one wins, none reads half a file
+        # concurrent first uses each build; one rename wins and no process loads half a file
+        write_file(out, Path(so).read_bytes())
     return str(out)
 
 

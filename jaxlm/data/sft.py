@@ -24,8 +24,6 @@ this spends far fewer tokens on padding than padding every row to block_size (RE
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +31,13 @@ import numpy as np
 
 from ..errors import JaxlmError
 from ..tokenizer import GPT2_EOT_ID, CharTokenizer, GPT2Tokenizer
-from ..utils.publish import publish_dir
+from ..utils.publish import publishing
+from .prepared import META_FILE, SPLITS, Prepared, read_meta, write_meta
 from .sft_rows import Stats, alphabet, examples
 from .templates import parse as parse_template
 from .textfiles import jsonl_rows
 
 FORMAT = "jaxlm-sft"
-META_FILE = "meta.json"
-SPLITS = {"train": 0, "val": 1}
 TRUNCATE = ("drop", "left", "right")
 MIN_BUCKET = 32
 
@@ -65,30 +62,13 @@ class Examples:
         return self.tokens[s], self.mask[s]
 
 
-@dataclass(frozen=True)
-class SFTData:
-    """A prepared prompt/completion dataset; batches come from `jaxlm.data.sft.get_batch`."""
-
-    train: Examples
-    val: Examples
-    meta: dict
-    path: Path | None = None
-
-    @property
-    def tokenizer_spec(self) -> dict:
-        return self.meta["tokenizer"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.meta["vocab_size"]
+class SFTData(Prepared):
+    """A prepared prompt/completion dataset (`train`, `val`: Examples); batches come from `get_batch`."""
 
     @property
     def eot_id(self) -> int:
         """<|endoftext|>: ends every completion and pads batch rows."""
         return self.meta.get("eot_id", GPT2_EOT_ID)
-
-    def split(self, name: str) -> Examples:
-        return self.train if name == "train" else self.val
 
     def check_block_size(self, block_size: int):
         longest = max(int(self.split(s).lengths.max()) for s in SPLITS)
@@ -156,9 +136,7 @@ def prepare(
     if len(rows) - n_val < 1:
         raise JaxlmError(f"{src} has {len(rows)} usable example(s), too few to split into train and val; add more")
     splits = {"train": rows[:-n_val], "val": rows[-n_val:]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with publishing(out, exist_ok=exist_ok) as tmp:
         for name, part in splits.items():
             lengths = [len(ids) for ids, _ in part]
             np.concatenate([ids for ids, _ in part]).astype(np.uint16).tofile(tmp / f"{name}.tokens.bin")
@@ -179,19 +157,14 @@ def prepare(
             "stats": vars(stats),
             "source": str(src),
         }
-        publish_dir(tmp, out, META_FILE, meta, exist_ok=exist_ok)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_meta(tmp, meta)
     return out
 
 
-def open_sft(path) -> SFTData:
-    """A prepared prompt/completion directory (its meta.json already read as this format)."""
+def open_sft(path, meta: dict | None = None) -> SFTData:
+    """A prepared prompt/completion directory (`meta`: its meta.json, when already read)."""
     path = Path(path).expanduser()
-    try:
-        meta = json.loads((path / META_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise JaxlmError(f"{path / META_FILE} is corrupt ({e}); prepare the dataset again") from None
+    meta = read_meta(path) if meta is None else meta
     splits = {}
     for name in SPLITS:
         n, t = meta["counts"][name], meta["tokens"][name]

@@ -20,10 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -32,38 +30,20 @@ import numpy as np
 from ..errors import JaxlmError
 from ..tokenizer import CharTokenizer, get_tokenizer
 from ..utils.cache import cache_dir
-from ..utils.publish import publish_dir
+from ..utils.publish import publishing
+from .prepared import META_FILE, SPLITS, Prepared, read_meta, write_meta
 from .sft import FORMAT as SFT_FORMAT
 from .sft import SFTData, is_pairs_file, open_sft
 from .sft import prepare as prepare_sft
 from .textfiles import pieces
 
-META_FILE = "meta.json"
 FORMAT = "jaxlm-data"
 BUILTIN = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # bundled Tiny Shakespeare, by tokenizer
 IN_MEMORY_BYTES = 256 << 20  # smaller token files are read into RAM: faster sampling than a memmap
-SPLITS = {"train": 0, "val": 1}
 
 
-@dataclass(frozen=True)
-class TokenData:
-    """A prepared dataset: two flat uint16 token streams plus its metadata."""
-
-    train: np.ndarray
-    val: np.ndarray
-    meta: dict
-    path: Path | None = None
-
-    @property
-    def tokenizer_spec(self) -> dict:
-        return self.meta["tokenizer"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.meta["vocab_size"]
-
-    def split(self, name: str) -> np.ndarray:
-        return self.train if name == "train" else self.val
+class TokenData(Prepared):
+    """A prepared text dataset: two flat uint16 token streams (`train`, `val`) plus its metadata."""
 
     def check_block_size(self, block_size: int):
         for name in SPLITS:
@@ -109,17 +89,11 @@ def get_batch(data: TokenData, split: str, seed: int, step: int, shape: tuple[in
 def open_dataset(path) -> TokenData:
     """A prepared dataset directory; small ones are loaded into memory, large ones memory-mapped."""
     path = Path(path).expanduser()
-    meta_file = path / META_FILE
-    if not meta_file.is_file():
-        raise JaxlmError(f"{path} is not a prepared dataset ({META_FILE} missing); run python -m jaxlm.data prepare")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise JaxlmError(f"{meta_file} is corrupt ({e}); prepare the dataset again") from None
+    meta = read_meta(path)
     if meta.get("format") == SFT_FORMAT:
-        return open_sft(path)
+        return open_sft(path, meta)
     if meta.get("format") != FORMAT:
-        raise JaxlmError(f"{meta_file} is not a jaxlm dataset description")
+        raise JaxlmError(f"{path / META_FILE} is not a jaxlm dataset description; prepare the dataset again")
     arrays = {}
     for split in SPLITS:
         f = path / f"{split}.bin"
@@ -214,9 +188,7 @@ def prepare(
 
     files = _source_files(src)
     total_bytes = sum(f.stat().st_size for f in files)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with publishing(out, exist_ok=exist_ok) as tmp:
         tok = _tokenizer_for(src, files, tokenizer, text_field)
         if tok.vocab_size > 2**16:
             raise JaxlmError(f"{src} has {tok.vocab_size:,} distinct characters; uint16 tokens hold at most 65,536")
@@ -248,9 +220,7 @@ def prepare(
             "documents": n_docs,
             "source": str(src),
         }
-        publish_dir(tmp, out, META_FILE, meta, exist_ok=exist_ok)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_meta(tmp, meta)
     return out
 
 

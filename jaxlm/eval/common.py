@@ -6,7 +6,7 @@ import contextlib
 
 from ..errors import JaxlmError
 from ..tokenizer import GPT2_EOT_ID
-from .loglik import Scorer
+from .loglik import Scorer, encode_pair, pair_request
 
 
 def is_bpe(tokenizer) -> bool:
@@ -26,6 +26,17 @@ def require_bpe(tokenizer, config, task: str):
 
 def scorer_for(params, config, batch_size: int, scorer: Scorer | None) -> Scorer:
     return scorer if scorer is not None else Scorer(params, config, batch_size=batch_size)
+
+
+def score(scorer: Scorer, requests, progress: bool, desc: str):
+    """`scorer.score(requests)` under a progress bar named `desc` (when `progress`)."""
+    with progress_bar(progress, len(requests), desc) as bar:
+        return scorer.score(requests, bar)
+
+
+def pair_requests(tokenizer, pairs, block_size: int):
+    """lm-eval's (context, continuation) requests: each pair encoded and truncated as the harness does."""
+    return [pair_request(*encode_pair(tokenizer, context, cont, GPT2_EOT_ID), block_size) for context, cont in pairs]
 
 
 def check_max_examples(max_examples):

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tokenizer import GPT2_EOT_ID
-from .common import check_max_examples, progress_bar, require_bpe, scorer_for
+from .common import check_max_examples, pair_requests, require_bpe, score, scorer_for
 from .files import HELLASWAG, locate, read_hellaswag
-from .loglik import encode_pair, pair_request
 
 
 def hellaswag(
@@ -35,13 +33,9 @@ def hellaswag(
     require_bpe(tokenizer, config, "hellaswag")
     tasks = read_hellaswag(locate(HELLASWAG, path, data_dir))[:max_examples]
     scorer = scorer_for(params, config, batch_size, scorer)
-    requests = [
-        pair_request(*encode_pair(tokenizer, context, " " + ending, GPT2_EOT_ID), config.block_size)
-        for context, _, endings in tasks
-        for ending in endings
-    ]
-    with progress_bar(progress, len(requests), "hellaswag") as bar:
-        scored = scorer.score(requests, bar)
+    pairs = [(context, " " + ending) for context, _, endings in tasks for ending in endings]
+    requests = pair_requests(tokenizer, pairs, config.block_size)
+    scored = score(scorer, requests, progress, "hellaswag")
     sums_Nx4 = np.array([s.total for s in scored]).reshape(-1, 4)
     tokens_Nx4 = np.array([r.n_score for r in requests], np.float64).reshape(-1, 4)
     chars_Nx4 = np.array([[max(len(e), 1) for e in endings] for _, _, endings in tasks], np.float64)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import math
 
-from ..tokenizer import GPT2_EOT_ID
-from .common import check_max_examples, progress_bar, require_bpe, scorer_for
+from .common import check_max_examples, pair_requests, require_bpe, score, scorer_for
 from .files import LAMBADA, locate, read_lambada
-from .loglik import encode_pair, pair_request
 
 
 def split_example(text: str) -> tuple[str, str]:
@@ -38,9 +36,7 @@ def lambada(
     require_bpe(tokenizer, config, "lambada")
     texts = read_lambada(locate(LAMBADA, path, data_dir))[:max_examples]
     scorer = scorer_for(params, config, batch_size, scorer)
-    requests = [pair_request(*encode_pair(tokenizer, *split_example(t), GPT2_EOT_ID), config.block_size) for t in texts]
-    with progress_bar(progress, len(requests), "lambada") as bar:
-        scored = scorer.score(requests, bar)
+    scored = score(scorer, pair_requests(tokenizer, map(split_example, texts), config.block_size), progress, "lambada")
     return {
         "acc": sum(s.is_greedy for s in scored) / len(scored),
         "perplexity": math.exp(-sum(s.total for s in scored) / len(scored)),

@@ -20,7 +20,7 @@ import math
 import re
 
 from ..tokenizer import GPT2_EOT_ID
-from .common import check_max_examples, is_bpe, progress_bar, scorer_for
+from .common import check_max_examples, is_bpe, score, scorer_for
 from .files import WIKITEXT2, locate, read_wikitext
 from .loglik import Request, rolling_requests
 
@@ -131,8 +131,7 @@ def wikitext2(
         out["dropped_chars"] = len(text) - len(kept)
         text = kept
     requests = stride_requests(tokenizer.encode(text), L, stride, limit=max_examples)
-    with progress_bar(progress, len(requests), "wikitext2 windows") as bar:
-        scored = scorer.score(requests, bar)
+    scored = score(scorer, requests, progress, "wikitext2 windows")
     nll = -sum(s.total for s in scored)
     n_tokens = sum(r.n_score for r in requests)
     out.update(windows=len(requests), tokens_scored=n_tokens)
@@ -151,8 +150,7 @@ def _lm_eval_wikitext(raw, tokenizer, scorer, block_size, max_examples, progress
     pages = documents(raw)[:max_examples]
     per_page = [rolling_requests(tokenizer.encode(detokenize(p)), GPT2_EOT_ID, block_size) for p in pages]
     flat = [r for reqs in per_page for r in reqs]
-    with progress_bar(progress, len(flat), "wikitext2 documents") as bar:
-        scored = iter(scorer.score(flat, bar))
+    scored = iter(score(scorer, flat, progress, "wikitext2 documents"))
     loglik = sum(next(scored).total for reqs in per_page for _ in reqs)
     words = sum(len(re.split(r"\s+", p)) for p in pages)
     n_bytes = sum(len(p.encode("utf-8")) for p in pages)

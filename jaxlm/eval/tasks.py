@@ -9,7 +9,7 @@ The entry point for `python -m jaxlm.eval --task NAME FILE` (one call per task):
     result["metrics"]      # summarize: rouge1/rouge2/rougeL; translate: bleu/chrf; qa: exact_match/f1
     result["predictions"]  # one {"prediction", <reference field>} a row, in file order: write it as JSONL
 
-NAME is one of TASKS (summarize, translate, qa); FILE is a JSONL of rows with the fields the task's template
+NAME is one of GENERATION_TASKS (summarize, translate, qa); FILE is a JSONL of rows with the fields the task's template
 needs (the bundled ../shared/data/{summarization,translation,qa}/ files), read as `jaxlm.data.sft` reads training
 rows (a bad line is a JaxlmError naming it). The result also holds "task", "examples", "truncated_prompts"
 and "max_new_tokens".
@@ -38,33 +38,33 @@ from .metrics import bleu_chrf, rouge, squad
 
 
 @dataclass(frozen=True)
-class Task:
+class GenerationTask:
     name: str
     template: templates.Template
     reference: str  # the row field the prediction is scored against
     max_new_tokens: int
 
 
-TASKS = {
-    "summarize": Task("summarize", templates.BUILTIN["summarize"], "summary", 64),
-    "translate": Task("translate", templates.BUILTIN["translate"], "reference", 128),
-    "qa": Task("qa", templates.BUILTIN["qa"], "answers", 32),
+GENERATION_TASKS = {
+    "summarize": GenerationTask("summarize", templates.BUILTIN["summarize"], "summary", 64),
+    "translate": GenerationTask("translate", templates.BUILTIN["translate"], "reference", 128),
+    "qa": GenerationTask("qa", templates.BUILTIN["qa"], "answers", 32),
 }
 
 
 def summarize(params, config, tokenizer, rows, **kwargs) -> dict:
     """ROUGE-1/2/L of greedy "TL;DR:" summaries against each row's "summary"."""
-    return run(TASKS["summarize"], params, config, tokenizer, rows, **kwargs)
+    return run(GENERATION_TASKS["summarize"], params, config, tokenizer, rows, **kwargs)
 
 
 def translate(params, config, tokenizer, rows, **kwargs) -> dict:
     """Corpus BLEU and chrF of greedy translations against each row's "reference"."""
-    return run(TASKS["translate"], params, config, tokenizer, rows, **kwargs)
+    return run(GENERATION_TASKS["translate"], params, config, tokenizer, rows, **kwargs)
 
 
 def qa(params, config, tokenizer, rows, **kwargs) -> dict:
     """SQuAD exact match and F1 of greedy answers against each row's "answers" (closed-book without "context")."""
-    return run(TASKS["qa"], params, config, tokenizer, rows, **kwargs)
+    return run(GENERATION_TASKS["qa"], params, config, tokenizer, rows, **kwargs)
 
 
 def run_task(
@@ -81,8 +81,8 @@ def run_task(
     mesh=None,
 ) -> dict:
     """Score `params` on task `name` over the rows of the JSONL `file` (the first `max_examples` of them)."""
-    if name not in TASKS:
-        raise JaxlmError(f"unknown task {name!r}; use one of {', '.join(TASKS)}")
+    if name not in GENERATION_TASKS:
+        raise JaxlmError(f"unknown task {name!r}; use one of {', '.join(GENERATION_TASKS)}")
     if max_examples is not None and max_examples < 1:
         raise JaxlmError(f"--max-examples must be >= 1, got {max_examples}")
     path = Path(file).expanduser()
@@ -90,7 +90,7 @@ def run_task(
         raise JaxlmError(f"{path}: no such task file; pass a .jsonl of {name} rows")
     rows = [row for _, row in itertools.islice(jsonl_rows(path), max_examples)]
     return run(
-        TASKS[name],
+        GENERATION_TASKS[name],
         params,
         config,
         tokenizer,
@@ -103,7 +103,7 @@ def run_task(
 
 
 def run(
-    task: Task,
+    task: GenerationTask,
     params,
     config,
     tokenizer,

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ..config import DTYPES
 from ..errors import JaxlmError
 from ..io import load as loader
 from ..lora import peft as peft_io
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flag("--repetition-penalty", type=float, default=1.0, help="> 1 penalizes tokens already in the text")
     flag("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this size twice (0: off)")
-    flag("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and KV cache while decoding")
+    flag("--dtype", default="float32", choices=DTYPES, help="weights and KV cache while decoding")
     flag(
         "--mesh",
         default=None,

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ..config import GPTConfig
+from ..config import GPTConfig, check_dtype
 from ..errors import JaxlmError
 from ..parallel.sharding import param_shardings
 from ..tokenizer import GPT2_EOT_ID
@@ -46,7 +46,6 @@ from .streaming import stream_to
 
 MIN_PROMPT_BUCKET = 8
 NEW_TOKENS_BUCKET = 64
-DTYPES = ("float32", "bfloat16")
 _AUTO = "auto"
 
 
@@ -91,8 +90,7 @@ class Generator:
 
     def __init__(self, params, config: GPTConfig, mesh: Mesh | None = None, dtype: str | None = None):
         if dtype is not None:
-            if dtype not in DTYPES:
-                raise JaxlmError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            check_dtype(dtype)
             config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
             if mesh is not None and dtype != "float32":
                 params = jax.tree.map(lambda x: x.astype(dtype), params)

@@ -33,7 +33,7 @@ def _is_real(x) -> bool:
 
 
 @dataclass(frozen=True)
-class Options:
+class GenerateOptions:
     """Resolved options of one call: what the loops compile for (`mode`, statics) and trace (values)."""
 
     mode: str  # "greedy", "sample" or "beam"
@@ -66,7 +66,7 @@ def resolve(
     early_stopping=False,
     repetition_penalty=1.0,
     no_repeat_ngram_size=0,
-) -> Options:
+) -> GenerateOptions:
     if do_sample not in (None, True, False):
         raise JaxlmError(f"do_sample must be True, False or None (jaxlm's temperature rule), got {do_sample!r}")
     if not _is_int(num_beams) or num_beams < 1:
@@ -125,7 +125,7 @@ def resolve(
     if not _is_int(min_new_tokens) or min_new_tokens < 0:
         raise JaxlmError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     new = _new_tokens(c, longest_prompt, max_new_tokens, max_length)
-    return Options(
+    return GenerateOptions(
         mode=mode,
         sampling=sampling,
         max_new_tokens=new,

@@ -12,8 +12,6 @@ It is written under a temporary name and renamed when complete, so a crash leave
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -23,9 +21,11 @@ from ..config import GPTConfig
 from ..errors import JaxlmError, disk_full
 from ..lora import adapters as lora_lib
 from ..model.gpt import param_shapes
-from .heldstderr import HeldStderr
+from ..parallel.sharding import placed_shapes
+from ..utils.files import read_json_object
+from ..utils.publish import publishing
 
-META_FILE = "jaxlm.json"
+CHECKPOINT_FILE = "jaxlm.json"
 FORMAT_VERSION = 1
 
 
@@ -34,7 +34,7 @@ class CheckpointError(JaxlmError):
 
 
 def is_checkpoint(path) -> bool:
-    return (Path(path) / META_FILE).is_file()
+    return (Path(path) / CHECKPOINT_FILE).is_file()
 
 
 def save(
@@ -65,62 +65,44 @@ def save(
             "config": lora.to_dict(),
             "base": {"source": base_source, "fingerprint": lora_lib.fingerprint(params)},
         }
-    tmp = path.with_name(f".{path.name}.partial")
-    if jax.process_index() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _sync("jaxlm_save_mkdir")
-    held = HeldStderr()
+    leader = jax.process_index() == 0
     try:
-        with held:  # a failed Orbax write prints tracebacks from its threads; the user gets one line
-            try:
-                checkpointer = ocp.StandardCheckpointer()
+        with publishing(path, overwrite=True, shared=True, leader=leader) as tmp:
+            _sync("jaxlm_save_mkdir")
+            with ocp.StandardCheckpointer() as checkpointer:
                 checkpointer.save(tmp / "params", params)
                 checkpointer.wait_until_finished()
                 if adapters is not None:
                     checkpointer.save(tmp / "adapters", adapters)
                     checkpointer.wait_until_finished()
-            except BaseException:
-                checkpointer.close()
-                held.settle()
-                raise
-        if jax.process_index() == 0:
-            meta = {
-                "format": "jaxlm",
-                "version": FORMAT_VERSION,
-                "config": config.to_dict(),
-                "tokenizer": tokenizer.to_spec() if tokenizer is not None else None,
-            }
-            if lora_meta is not None:
-                meta["lora"] = lora_meta
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    except BaseException as e:
-        if jax.process_index() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if leader:
+                meta = {
+                    "format": "jaxlm",
+                    "version": FORMAT_VERSION,
+                    "config": config.to_dict(),
+                    "tokenizer": tokenizer.to_spec() if tokenizer is not None else None,
+                }
+                if lora_meta is not None:
+                    meta["lora"] = lora_meta
+                (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    except Exception as e:
         if disk_full(e):  # the old checkpoint at `path` (if any) is untouched
             raise CheckpointError(f"cannot write {path}: {disk_full(e)}; free some space and save again") from None
-        held.replay()  # any other failure keeps Orbax's diagnostics
         raise
-    held.replay()
-    if jax.process_index() == 0:
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
     _sync("jaxlm_save_rename")
     return path
 
 
 def read_meta(path) -> dict:
     path = Path(path)
-    meta_file = path / META_FILE
-    if not meta_file.is_file():
-        raise CheckpointError(f"{path} is not a jaxlm checkpoint: {META_FILE} is missing")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_file} is corrupt ({e}); re-create the checkpoint") from None
-    if not isinstance(meta, dict) or meta.get("format") != "jaxlm" or "config" not in meta:
-        raise CheckpointError(f"{meta_file} is not a jaxlm checkpoint description")
+    meta = read_json_object(
+        path / CHECKPOINT_FILE,
+        missing=f"{path} is not a jaxlm checkpoint: {CHECKPOINT_FILE} is missing",
+        fix="re-create the checkpoint",
+        error=CheckpointError,
+    )
+    if meta.get("format") != "jaxlm" or "config" not in meta:
+        raise CheckpointError(f"{path / CHECKPOINT_FILE} is not a jaxlm checkpoint description")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer jaxlm (format {meta['version']}); upgrade jaxlm")
     return meta
@@ -150,7 +132,7 @@ def load_adapters(path, shardings=None):
     try:
         lora = lora_lib.LoraConfig.from_dict(meta["lora"]["config"])
     except (JaxlmError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / META_FILE} holds an invalid LoRA config: {e}") from None
+        raise CheckpointError(f"{path / CHECKPOINT_FILE} holds an invalid LoRA config: {e}") from None
     adapters = restore_pytree(path / "adapters", lora_lib.shapes(config, lora), shardings)
     return lora, adapters, dict(meta["lora"].get("base") or {})
 
@@ -172,7 +154,7 @@ def _config(meta: dict, path: Path) -> GPTConfig:
     try:
         return GPTConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path / META_FILE} holds an invalid model config: {e}") from None
+        raise CheckpointError(f"{path / CHECKPOINT_FILE} holds an invalid model config: {e}") from None
 
 
 def restore_pytree(directory, abstract, shardings=None):
@@ -180,10 +162,7 @@ def restore_pytree(directory, abstract, shardings=None):
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is missing; the checkpoint is incomplete")
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    target = placed_shapes(abstract, shardings)
     try:
         return ocp.StandardCheckpointer().restore(directory, target)
     except Exception as e:  # TensorStore reports a missing or truncated array file as a bare Exception

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from ..cli import run_cli
 from ..errors import JaxlmError
 from ..lora import peft as peft_io
+from ..utils.tree import count
 from . import hf
 from . import load as loader
 
@@ -49,13 +49,13 @@ def main(argv=None) -> int:
             )
         config, _, lora, adapters, base = loader.load_lora(args.src)
         peft_io.save_adapter(out, config, lora, adapters, base_source=base.get("source"))
-        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
+        n = count(adapters)
         where = ",".join(lora.targets)
         print(f"converted {args.src} -> {out} as PEFT LoRA adapter (r={lora.rank} on {where}): {n:,} parameters")
         return 0
     with tqdm(desc="reading", unit="tensor", disable=None) as bar:
         config, params, tok = loader.load_with_tokenizer(args.src, adapter=args.adapter, progress=bar.update)
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    n = count(params)
     nbytes = sum(int(x.nbytes) for x in jax.tree.leaves(params))
     if args.to == "orbax":
         from ..tokenizer import from_spec

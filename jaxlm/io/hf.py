@@ -9,9 +9,7 @@ no torch, and never a pickle.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,8 @@ from safetensors.numpy import save_file
 from ..config import GPTConfig
 from ..errors import JaxlmError, disk_full
 from ..model.gpt import param_shapes
+from ..utils.files import read_json_object
+from ..utils.publish import publishing
 
 # (jaxlm path, HF name under "transformer."); "h/" entries are per layer, stacked on axis 0.
 NAME_MAP: list[tuple[str, str]] = [
@@ -170,14 +170,12 @@ def read_config(path, **config_overrides) -> GPTConfig:
     """The GPTConfig of an HF model directory (its config.json; the weights are not read)."""
     path = Path(path)
     cfg_file = path / "config.json"
-    try:
-        hf_cfg = json.loads(cfg_file.read_text())
-    except FileNotFoundError:
-        raise HFFormatError(f"{path} has no config.json; it is not a Hugging Face model directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HFFormatError(f"{cfg_file} is corrupt ({e})") from None
-    if not isinstance(hf_cfg, dict):
-        raise HFFormatError(f"{cfg_file} is corrupt (a JSON {type(hf_cfg).__name__}, not an object)")
+    hf_cfg = read_json_object(
+        cfg_file,
+        missing=f"{path} has no config.json; it is not a Hugging Face model directory",
+        fix="re-save the model with save_pretrained",
+        error=HFFormatError,
+    )
     try:
         return config_from_hf(hf_cfg, **config_overrides)
     except HFFormatError as e:
@@ -267,20 +265,14 @@ def to_hf(config: GPTConfig, params, out_dir, progress=None) -> Path:
             tensors[_PREFIX + hname.format(i=i)] = np.ascontiguousarray(xi.reshape(_hf_shape(x.shape, hname)))
             if progress:
                 progress(1)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with publishing(out) as tmp:  # an empty `out` is replaced; anything else was refused above
+            (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+            save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    except Exception as e:  # safetensors reports a full disk as its own SafetensorError
         if disk_full(e):
             raise JaxlmError(f"cannot write {out}: {disk_full(e)}; free some space and convert again") from None
         raise
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
     return out
 
 

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from ..errors import JaxlmError
 from ..lora import adapters as lora
 from ..lora import peft as peft_io
+from ..model.gpt import crop_context
 from . import checkpoint, hf, runs
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -116,15 +117,13 @@ def load_lora_base(record: dict, config, shardings=None, *, run=None):
         base_config, params, _ = load_with_tokenizer(source)
     except JaxlmError as e:
         raise JaxlmError(f"{what}: its base {source} cannot be loaded ({e})") from None
-    if (base_config.n_layer, base_config.n_head, base_config.n_embd, base_config.vocab_size) != (
-        config.n_layer,
-        config.n_head,
-        config.n_embd,
-        config.vocab_size,
-    ) or base_config.block_size < config.block_size:
-        raise JaxlmError(f"{what} was trained on a base of another shape than {source} holds now")
     if base_config.block_size > config.block_size:  # the run cropped the positions (--block-size)
-        params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][: config.block_size]}}
+        base_config, params = crop_context(base_config, params, config.block_size)
+    if base_config.architecture() != config.architecture():
+        raise JaxlmError(
+            f"{what} was trained on a base of another shape ({config.arch_summary()}) than {source} holds now "
+            f"({base_config.arch_summary()})"
+        )
     params = jax.tree.map(lambda x: jax.numpy.asarray(x, config.param_dtype), params)
     got = lora.fingerprint(params)
     if want is not None and got is not None and got != want:

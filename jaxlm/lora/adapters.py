@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec
 
 from ..config import GPTConfig
 from ..errors import JaxlmError
+from ..utils.tree import count
 
 # PEFT target name -> jaxlm params path of the module (under "h", stacked over layers).
 MODULES = {
@@ -179,11 +180,6 @@ def merge(base, adapters, lora: LoraConfig):
         module["kernel"] = (w.astype(jnp.float32) + delta(ab["lora_a"], ab["lora_b"], lora.scale)).astype(w.dtype)
         h[block] = {**h[block], name: module}
     return {**base, "h": h}
-
-
-def count(tree) -> int:
-    """Number of scalars in a pytree (adapters or params)."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def describe(config: GPTConfig, lora: LoraConfig) -> str:

@@ -10,9 +10,7 @@ change the math and jaxlm does not implement is refused by name, never ignored.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import jax
@@ -22,6 +20,8 @@ from safetensors.numpy import save_file
 
 from ..config import GPTConfig
 from ..errors import JaxlmError
+from ..utils.files import read_json_object
+from ..utils.publish import publishing
 from .adapters import MODULES, LoraConfig, in_out, out_shape
 
 CONFIG_FILE = "adapter_config.json"
@@ -99,18 +99,9 @@ def save_adapter(out_dir, config: GPTConfig, lora: LoraConfig, adapters, base_so
         "alpha_pattern": {},
         "use_dora": False,
     }
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with publishing(out) as tmp:  # an empty `out` is replaced; anything else was refused above
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -118,16 +109,12 @@ def read_adapter_config(adapter_dir) -> dict:
     path = Path(adapter_dir)
     if not path.is_dir():
         raise AdapterError(f"adapter {path}: no such directory; pass a PEFT adapter directory (save_pretrained)")
-    cfg_file = path / CONFIG_FILE
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except FileNotFoundError:
-        raise AdapterError(f"{path} has no {CONFIG_FILE}; it is not a PEFT adapter directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{cfg_file} is corrupt ({e}); re-save the adapter") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{cfg_file} is not a PEFT adapter config (expected a JSON object)")
-    return cfg
+    return read_json_object(
+        path / CONFIG_FILE,
+        missing=f"{path} has no {CONFIG_FILE}; it is not a PEFT adapter directory",
+        fix="re-save the adapter",
+        error=AdapterError,
+    )
 
 
 def check_adapter(adapter_dir) -> dict:

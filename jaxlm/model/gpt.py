@@ -21,8 +21,9 @@ import numpy as np
 
 from ..config import GPTConfig
 from ..lora.adapters import LoraConfig
-from . import layers
 from .attention import attend
+from .layers import block as residual_block
+from .layers import mlp, self_attention
 
 Cache = dict  # {"k": LxBxSxHxK, "v": LxBxSxHxK}
 
@@ -124,7 +125,7 @@ class CausalSelfAttention(nn.Module):
         dropout = c.dropout if self.train else 0.0
         rng = self.make_rng("dropout") if dropout > 0 else None
         write_kv = None if kv is None else partial(_write_kv, kv, cache_index, c.dtype)
-        return layers.self_attention(
+        return self_attention(
             x_BxTxD,
             n_head=c.n_head,
             c_attn=c_attn,
@@ -167,7 +168,7 @@ class MLP(nn.Module):
             name="c_proj",
         )
         dropout = nn.Dropout(c.dropout, deterministic=not self.train)
-        return layers.mlp(x_BxTxD, c_fc=c_fc, c_proj=lambda h: dropout(c_proj(h)), constrain=_constrain)
+        return mlp(x_BxTxD, c_fc=c_fc, c_proj=lambda h: dropout(c_proj(h)), constrain=_constrain)
 
 
 class Block(nn.Module):
@@ -181,7 +182,7 @@ class Block(nn.Module):
     def __call__(self, x_BxTxD, kv, cache_index, mask_BxTxS):
         c = self.config
         attn = CausalSelfAttention(c, self.train, self.lora, name="attn")
-        x_BxTxD, new_kv = layers.block(
+        x_BxTxD, new_kv = residual_block(
             x_BxTxD,
             ln_1=layer_norm(c, "ln_1"),
             attn=lambda h: attn(h, kv, cache_index, mask_BxTxS),
@@ -261,7 +262,7 @@ class GPT(nn.Module):
         if c.remat:
             block = nn.remat(Block, prevent_cse=not c.scan_layers)
         # Same stacked params either way; scan_layers=False unrolls the loop at compile time.
-        layers_ = nn.scan(
+        blocks = nn.scan(
             block,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
@@ -270,7 +271,7 @@ class GPT(nn.Module):
             unroll=1 if c.scan_layers else c.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, train, self.lora, name="h")
-        x_BxTxD, new_kv = layers_(x_BxTxD, kv, index, mask_BxTxS)
+        x_BxTxD, new_kv = blocks(x_BxTxD, kv, index, mask_BxTxS)
         x_BxTxD = layer_norm(c, "ln_f")(x_BxTxD)
         return x_BxTxD, None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
 
@@ -310,6 +311,12 @@ def init_params(config: GPTConfig, rng: jax.Array):
     """Random GPT-2 initialisation (normal 0.02, scaled residual projections), unboxed."""
     tokens = jnp.zeros((1, min(8, config.block_size)), jnp.int32)
     return nn.meta.unbox(GPT(config).init(rng, tokens)["params"])
+
+
+def crop_context(config: GPTConfig, params, block_size: int):
+    """(config, params) of the same model with a context of `block_size` <= its own: the first learned positions."""
+    params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][:block_size]}}
+    return config.replace(block_size=block_size), params
 
 
 def logical_axes(config: GPTConfig):

@@ -148,6 +148,15 @@ def check_divisible(shapes_tree, shardings_tree):
     jax.tree_util.tree_map_with_path(check, shapes_tree, shardings_tree)
 
 
+def placed_shapes(shapes, shardings=None):
+    """ShapeDtypeStructs that carry where each array goes (default: the first local device): what jit lowers
+    against and Orbax restores onto."""
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[batch, time] arrays: batch split over data and fsdp."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))

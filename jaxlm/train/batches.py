@@ -35,7 +35,7 @@ class TextBatches:
         val = [self._local("val", i, (1, shape[1]))[0] for i in range(eval_iters)]
         self.val = self._global(np.stack(val))
 
-    def describe(self) -> str:
+    def summary(self) -> str:
         return f"{len(self.ds.train):,} train tokens"
 
     def abstract(self, T: int) -> Batch:
@@ -63,7 +63,7 @@ class SFTBatches:
         ]
         self.val = self._global(np.concatenate([t for t, _ in val]), np.concatenate([m for _, m in val]))
 
-    def describe(self) -> str:
+    def summary(self) -> str:
         m = self.ds.meta
         return (
             f"{m['counts']['train']:,} train examples ({m['tokens']['train']:,} tokens) in row lengths "

@@ -17,9 +17,11 @@ from pathlib import Path
 import jax
 
 from ..cpu.allocator import keep_freed_memory  # noqa: F401  (re-exported: jaxlm.train.keep_freed_memory)
-from ..data.tokens import BUILTIN, META_FILE
+from ..data.prepared import META_FILE
+from ..data.tokens import BUILTIN
 from ..tokenizer import GPT2_EOT_ID
 from ..utils.cache import cache_dir
+from ..utils.publish import write_file
 
 RUNTIME_FILE = "runtime.json"
 
@@ -110,10 +112,7 @@ def record_layout(out_dir, keep: bool):
         return
     cpu = jax.devices()[0].platform == "cpu"
     layout = {"cpu_devices": jax.device_count() if cpu else None, "keep_freed_memory": keep}
-    path = Path(out_dir).expanduser() / RUNTIME_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(layout) + "\n")
-    os.replace(tmp, path)
+    write_file(Path(out_dir).expanduser() / RUNTIME_FILE, json.dumps(layout) + "\n")
 
 
 def read_layout(out_dir) -> dict | None:

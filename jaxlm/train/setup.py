@@ -16,13 +16,14 @@ from pathlib import Path
 
 import jax
 
-from ..config import GPTConfig, TrainConfig
+from ..config import ARCH_FIELDS, GPTConfig, TrainConfig
 from ..data import sft
 from ..data import tokens as data
 from ..errors import JaxlmError
 from ..io import load as loader
 from ..io import runs
 from ..lora.adapters import describe as describe_lora
+from ..model.gpt import crop_context
 from ..parallel import sharding
 from ..utils.tree import leaf_paths
 from .adapters import FLAGS as LORA_FLAGS
@@ -39,7 +40,6 @@ from .adapters import (
 from .optimizer import make_optimizer
 from .state import model_layout, new_state, restore_state
 
-ARCH_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")  # what makes two models "the same"
 _RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "loss.png")
 COMPUTE_FIELDS = ("dropout", "dtype", "remat", "scan_layers")  # how a stored model computes: flags may change
 
@@ -223,10 +223,10 @@ def _check_same_data(meta: dict, ds: data.TokenData):
 
 def _replace_run(out: Path, previous: tuple[int, dict], config: GPTConfig, overwrite: bool, log):
     old = GPTConfig.from_dict(previous[1]["model"])
-    if arch(old) != arch(config) and not overwrite:
+    if old.architecture() != config.architecture() and not overwrite:
         raise JaxlmError(
-            f"{out} holds a run of a different model ({describe(old)}, step {previous[0]}) than this one "
-            f"({describe(config)}); pass --overwrite to replace it, --init-from resume to continue it, "
+            f"{out} holds a run of a different model ({old.arch_summary()}, step {previous[0]}) than this one "
+            f"({config.arch_summary()}); pass --overwrite to replace it, --init-from resume to continue it, "
             "or choose another --out-dir"
         )
     log(f"replacing the run in {out} (step {previous[0]})")
@@ -247,8 +247,7 @@ def _crop_pretrained(cfg: TrainConfig, explicit: frozenset, config: GPTConfig, p
             raise JaxlmError(
                 f"--block-size {cfg.block_size} exceeds {cfg.init_from}'s context of {config.block_size} tokens"
             )
-        params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][: cfg.block_size]}}  # crop positions
-        config = config.replace(block_size=cfg.block_size)
+        config, params = crop_context(config, params, cfg.block_size)
     return config, params
 
 
@@ -258,11 +257,3 @@ def _check_tokenizer(cfg: TrainConfig, tokenizer: dict | None, ds):
             f"{cfg.init_from} was trained with the {tokenizer.get('kind')} tokenizer but the dataset uses "
             f"{ds.tokenizer_spec.get('kind')}; prepare the data with that tokenizer (e.g. --dataset shakespeare)"
         )
-
-
-def arch(c: GPTConfig) -> dict:
-    return {k: getattr(c, k) for k in ARCH_FIELDS}
-
-
-def describe(c: GPTConfig) -> str:
-    return ", ".join(f"{k}={getattr(c, k)}" for k in ARCH_FIELDS)

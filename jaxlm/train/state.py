@@ -17,6 +17,7 @@ from ..config import GPTConfig
 from ..io import runs
 from ..model.gpt import init_params, param_shapes
 from ..parallel import sharding
+from ..parallel.sharding import placed_shapes
 from ..utils.tree import combine, partition
 
 
@@ -49,11 +50,6 @@ def model_layout(config: GPTConfig, tx, mesh, trainable=None):
     p_shapes, f_shapes = partition(param_shapes(config), trainable)
     p_shardings, f_shardings = partition(sharding.param_shardings(config, mesh), trainable)
     return layout(p_shapes, p_shardings, tx, mesh, f_shapes, f_shardings)
-
-
-def abstract(shapes, shardings):
-    """ShapeDtypeStructs that carry their shardings: what jit lowers and Orbax restores against."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
 def fresh_state(tx, shardings: dict, seed: int, make) -> dict:
@@ -99,12 +95,12 @@ def restore_state(run_dir: Path, step: int, shapes: dict, shardings: dict, froze
     """The train state saved at `step` in `run_dir`, restored straight onto `shardings`; `frozen` (already
     placed) stands in for a frozen part the checkpoint does not hold."""
     items = {
-        "params": abstract(shapes["params"], shardings["params"]),
-        "opt_state": abstract(shapes["opt_state"], shardings["opt_state"]),
-        "progress": {k: abstract(shapes[k], shardings[k]) for k in ("step", "rng")},
+        "params": placed_shapes(shapes["params"], shardings["params"]),
+        "opt_state": placed_shapes(shapes["opt_state"], shardings["opt_state"]),
+        "progress": {k: placed_shapes(shapes[k], shardings[k]) for k in ("step", "rng")},
     }
     if shapes["frozen"] and frozen is None:
-        items["frozen"] = abstract(shapes["frozen"], shardings["frozen"])
+        items["frozen"] = placed_shapes(shapes["frozen"], shardings["frozen"])
     r = runs.restore_run(run_dir, step, items)
     frozen = r.get("frozen", {}) if frozen is None else frozen
     return {"params": r["params"], "frozen": frozen, "opt_state": r["opt_state"], **r["progress"]}

@@ -1,11 +1,14 @@
-"""Params as nested dicts split into parts and put back together (e.g. trainable and frozen).
+"""Params as nested dicts: split into parts and put back together (e.g. trainable and frozen), counted.
 
 Paths are "a/b/leaf" strings, as HF-style names read ("h/attn/c_attn/kernel").
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+
+import jax
 
 
 def partition(params, keep: Callable[[str], bool] | None):
@@ -49,3 +52,8 @@ def leaf_paths(tree, prefix: str = "") -> list[str]:
         path = f"{prefix}{key}"
         paths += leaf_paths(value, path + "/") if isinstance(value, dict) else [path]
     return paths
+
+
+def count(tree) -> int:
+    """Number of scalars in a pytree of arrays or shapes (params, adapters)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))

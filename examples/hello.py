@@ -1,4 +1,4 @@
-"""The brief's example with jaxlm: load GPT-2, encode a prompt, `generate(max_length=50)`, decode.
+"""transformers' GPT-2 quick-start, with jaxlm: load GPT-2, encode a prompt, `generate(max_length=50)`, decode.
 
     python examples/hello.py            # gpt2 from the Hugging Face hub (downloaded once)
     python examples/hello.py PATH       # an HF GPT-2 directory or a jaxlm checkpoint

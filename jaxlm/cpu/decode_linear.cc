@@ -1,10 +1,10 @@
 // y[N, O] = x[N, D] @ W.T with float32 sums for a decode step's few rows, as XLA FFI calls (jaxlm/native.py).
 //
 // Why: a decode step reads every weight once for a handful of rows, so it should run at memory bandwidth.
-// XLA:CPU's few-row products do not: its bfloat16 matmul reads weights at a third of the bandwidth or
-// less (bf16 decode was no faster than float32), and its float32 multiply-reduce is compute-bound by 8
-// rows. Here W is packed once, 16 outputs per 64-byte vector, and a step streams it once with every row
-// of x held in L1:
+// XLA:CPU's few-row products do not: its bfloat16 matmul reads weights far below the bandwidth (bf16
+// decode was no faster than float32), and its float32 multiply-reduce is compute-bound by 8 rows
+// (docs/design.md). Here W is packed once, 16 outputs per 64-byte vector, and a step streams it once
+// with every row of x held in L1:
 //   float32  [O/16, D, 16]        one FMA per (vector, row);
 //   bfloat16 [O/16, D/2, 16, 2]   AVX-512 BF16's vdpbf16ps: a pair of inputs per (vector, row).
 // Products of two bf16 are exact in float32, and float32 products are the matmul's: only the order of the

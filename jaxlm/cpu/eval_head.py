@@ -4,9 +4,8 @@ On a CPU, more than CPU_ONE_PIECE_ROWS rows go through the head a vocabulary chu
 (CPU_VOCAB_CHUNK entries, a running max, sum of exp and first argmax), in groups of at most CPU_HEAD_ROWS
 rows. Each chunk's [C, N] logits stay in cache between the product and the reductions instead of a
 [V, N] round trip through memory, and no reduction runs along a vocabulary-long row (XLA:CPU's slow
-down ~5x per element from 256 such rows per call). GPT-2's head, `python bench/eval_head.py`: 512 rows
-223 ms in vocabulary chunks, 278 in row chunks of 64 (the previous form), 372 in the plain form; few
-rows stream the weights once either way and stay in one piece.
+down per element from a few hundred such rows per call). `python bench/eval_head.py` times the forms
+(docs/design.md). Few rows stream the weights once either way and stay in one piece.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ def _merge(carry, logits_CxN, offset):
 
 
 def _logits(wte_CxD, hidden_NxD):
-    # Logits as [V, N]: XLA:CPU runs this product ~1.4x faster than the [N, V] one at these shapes, and
+    # Logits as [V, N]: XLA:CPU runs this product faster than the [N, V] one at these shapes, and
     # the reductions over V then run down columns, vectorised across the rows.
     return jnp.einsum("vd,nd->vn", wte_CxD, hidden_NxD, preferred_element_type=jnp.float32)
 

@@ -18,7 +18,7 @@ The val split is the file's last val_fraction of examples (jaxlm.data holds out 
 Batches pad instead of packing (no model change: right padding is invisible to causal attention) and group
 examples by length: each step draws one bucket of the ladder 32, 64, ... block_size (chance proportional to
 its examples, so every example is equally likely) and its rows from that bucket. On the bundled task files
-this spends far fewer tokens on padding than padding every row to block_size (README, bench/sft_padding.py).
+this spends far fewer tokens on padding than padding every row to block_size (docs/benchmarks.md, bench/sft_padding.py).
 """
 
 from __future__ import annotations

@@ -88,8 +88,8 @@ def rolling_requests(token_ids, prefix_id: int, block_size: int) -> list[Request
     return out
 
 
-# Measured with GPT-2 124M at 1024 tokens: 2 windows per batch scored 1.05-1.15x faster per token than 8
-# (bench_eval rows 1-2 in the README; a jaxlm-only comparison of batch 1, 2, 4, 8).
+# With GPT-2 124M at 1024 tokens, 2 windows per batch score faster per token than 8 on a CPU: their
+# activations stay in cache (docs/design.md; bench/bench_eval.py --batch-tokens).
 CPU_BATCH_TOKENS = 2048
 
 

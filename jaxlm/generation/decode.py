@@ -35,7 +35,7 @@ def prepare(params, c: GPTConfig) -> dict:
     flat (one copy). The head reads wte as it is ([V, D] is already [out, in]).
 
     Done in numpy (zero-copy views of CPU arrays): as one XLA program, its ~100 slices and
-    transposes took about 4 s to compile for the 124M model. Where `native.usable`, the kernels and
+    transposes compiled slowly for the 124M model (docs/design.md). Where `native.usable`, the kernels and
     wte are stored packed (`native.pack`, rank 3 or 4); `_linear` and `_embed` tell by their rank.
     """
     dtype = jnp.dtype(c.dtype)
@@ -81,11 +81,11 @@ def _products(x_NxD, w_OxD, n_out):
             return native.linear(x_NxD, w_OxD, n_out)
         w_OxD = native.unpack(w_OxD, n_out, D)  # many rows: XLA's matmul is faster (bench/decode_linear.py)
     if f32 and 1 < n <= FUSED_ROWS:
-        # Must be 2-D: XLA's fused loop over a [N, 1, O, D] product runs 50x slower.
+        # Must be 2-D: XLA's fused loop over a [N, 1, O, D] product runs far slower (docs/design.md).
         return jnp.sum(w_OxD * x_NxD[:, None, :], axis=-1, dtype=jnp.float32)
-    # bfloat16 without the native kernel lands here: its fused form is the slower one beyond one row
-    # (bench/decode_linear.py, and 50x inside the step at one row), and XLA:CPU's one-row bf16 matmul
-    # runs ~7x slower than two rows.
+    # bfloat16 without the native kernel lands here: its fused form is the slower one, and XLA:CPU's
+    # one-row bf16 matmul runs much slower than two rows, so one row is padded to two (docs/design.md,
+    # bench/decode_linear.py).
     if not f32 and n == 1 and jax.default_backend() == "cpu":
         x_NxD = jnp.concatenate([x_NxD, x_NxD])
     return jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)[:n]

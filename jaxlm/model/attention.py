@@ -1,9 +1,8 @@
 """Causal softmax attention in [batch, heads, time, head_dim] layout, shared by training and decoding.
 
 Written out rather than `jax.nn.dot_product_attention`: with heads before time, XLA:CPU's batched
-products run on contiguous [T, K] tiles, 1.5x faster forward + backward at GPT-2 124M's shapes (82 against
-122 ms per layer for 4 x 256 tokens); and one function serves dropout (which the fused paths lack),
-left-padding masks and the KV cache.
+products run on contiguous [T, K] tiles, faster forward + backward at GPT-2 124M's shapes (docs/design.md);
+and one function serves dropout (which the fused paths lack), left-padding masks and the KV cache.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 # Query rows per block for long causal sequences on the CPU: each block's keys stop at its last row, so
-# the upper triangle is neither multiplied nor exponentiated (9/16 of the work at 1024 tokens; forward +
-# backward 1.8x faster there, 1.25x at 256; no gain at 128 tokens in blocks of 64).
+# the upper triangle is neither multiplied nor exponentiated (9/16 of the work at 1024 tokens): faster from
+# 256 tokens, no gain at 128 (docs/design.md).
 CAUSAL_BLOCK = 128
 _NEG = float(jnp.finfo(jnp.float32).min)  # not -inf: a fully masked row (left padding) stays finite, not NaN
 

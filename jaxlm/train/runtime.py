@@ -27,7 +27,7 @@ RUNTIME_FILE = "runtime.json"
 
 # Models up to this many (non-embedding) params train data parallel over CPU cores and keep freed memory;
 # bigger ones keep one device, whose ops are large enough to use every core, one copy of the weights and
-# optimizer state, and glibc's default of returning big freed blocks (else 124M peaks at ~12 GiB, not ~4).
+# optimizer state, and glibc's default of returning big freed blocks (else 124M peaks far higher: docs/design.md).
 SMALL_MODEL_PARAMS = 20_000_000
 # ... and a vocabulary up to this size (char-level): a GPT-2-vocabulary head is big enough for XLA to spread
 # over the cores by itself (data parallel over cores measured no faster there), and 2-device runs of small
@@ -73,7 +73,7 @@ def use_cpu_cores(n: int):
     """On a CPU host, expose `n` CPU devices, so the default mesh runs data parallel across the cores.
 
     XLA runs a small model's step on about one core at a time (its ops are too small to split), so two
-    cores as two devices train the default model 1.2-1.4x faster. Only the CPU platform is affected
+    cores as two devices train the default model faster (docs/design.md). Only the CPU platform is affected
     (GPU/TPU hosts keep their accelerators), and only before JAX initialises.
     """
     with contextlib.suppress(RuntimeError):  # already initialised: keep what it has

@@ -102,7 +102,7 @@ CKPT_DAMAGE = {
     "truncated array file": (lambda d: truncate(largest_file(d / "params")), RESTORE),
     "deleted manifest": (lambda d: (d / "params" / "manifest.ocdbt").unlink(), ["cannot restore", "corrupt"]),
     "truncated _METADATA": (lambda d: truncate(d / "params" / "_METADATA", 100), ["cannot restore", "corrupt"]),
-    "jaxlm.json a list": (lambda d: (d / "jaxlm.json").write_text("[]"), ["jaxlm.json", "not a jaxlm checkpoint"]),
+    "jaxlm.json a list": (lambda d: (d / "jaxlm.json").write_text("[]"), ["jaxlm.json", "corrupt", "re-create"]),
     "jaxlm.json bad type": (
         lambda d: (d / "jaxlm.json").write_text(
             json.dumps({**json.loads((d / "jaxlm.json").read_text()), "config": {"n_layer": "two"}})

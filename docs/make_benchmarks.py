@@ -128,9 +128,8 @@ def fmt(x) -> str:
     if isinstance(x, int):
         return f"{x:,}"
     if isinstance(x, float):
-        if x != x or abs(x) >= 1000:
-            return f"{x:,.0f}"
-        return f"{x:.4g}"
+        # the scripts round what they record; large numbers get thousands separators and no decimals
+        return f"{x:,.0f}" if x != x or abs(x) >= 1000 else str(x)
     return str(x).replace("|", "\\|").replace("\n", " ")
 
 
@@ -161,7 +160,8 @@ def machine_line(m: dict) -> str:
         out += f"; float32 matmul {m['matmul_f32_gflops']} GFLOP/s, read {m.get('read_gbps', '?')} GB/s"
     native = m.get("native_kernels")
     if native:
-        out += "; jaxlm native decode kernels: " + ", ".join(f"{d} {why}" for d, why in native.items())
+        runs = [f"{d} {why}" if why == "in use" else f"{d} not run ({why})" for d, why in native.items()]
+        out += "; jaxlm native decode kernels: " + ", ".join(runs)
     return out
 
 

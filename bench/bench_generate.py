@@ -1,8 +1,9 @@
 """Decode speed: jaxlm.generate vs transformers PyTorch and HF's Flax GPT-2, GPT-2 124M shape, CPU, same run.
 
     python bench/bench_generate.py --hf-flax-python PATH   # PATH: a Python with transformers 4.57, flax, jax
+    python bench/bench_generate.py --dtypes float32,bfloat16 --hf-flax-python PATH  # bf16 rows too
 
-Greedy, 8-token prompt, 128 new tokens (no early stop), batch 1 and 8, float32 and bfloat16, random
+Greedy, 8-token prompt, 128 new tokens (no early stop), batch 1 and 8, float32 (and bfloat16), random
 weights shared by jaxlm and PyTorch (jaxlm's init written out with `jaxlm.to_hf`); HF Flax runs
 `jax.jit(model.generate)` on its own random init (bench/hf_flax_generate.py, a subprocess). Then
 beam search with 4 beams, jaxlm against PyTorch (float32, batch 1). jaxlm's tokens/s is the decode
@@ -10,7 +11,10 @@ loop's (batch x steps / time; compile and prefill excluded, both reported); the 
 `generate` call (their prefill of 8 tokens is about one step). The bandwidth bound is the parameter
 bytes read per step over a measured read bandwidth (a jitted sum of a 512 MB array); a row at a
 large fraction of it is bandwidth-bound, one far below it compute-bound. JAXLM_NATIVE=0 times decoding
-without jaxlm's native kernels (XLA's products), as on a CPU without AVX-512.
+without jaxlm's native kernels (XLA's products), as on a CPU without AVX-512. bfloat16 rows are asked for
+with --dtypes: on a CPU without AVX-512 BF16 or AMX, PyTorch's bf16 generate is emulated and slow (on a
+2-core AMD EPYC with AVX2 only, shared, its bf16 rows had not finished after 40 minutes). Writes
+bench/results/generate.json (generate_native_off.json under JAXLM_NATIVE=0; another shape adds _LnDn).
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ def bench_torch(model, batch: int, reps: int, threads: int, **options):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32", help="e.g. float32,bfloat16 (see the docstring on bf16)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per row (best is reported)")
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")

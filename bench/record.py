@@ -126,6 +126,9 @@ def _commit() -> str | None:
         return None
 
 
+_START["commit"] = _commit()  # the code that runs is the code at the start, whatever a sitting commits meanwhile
+
+
 def versions(extra: dict | None = None) -> dict:
     """Versions of the libraries this process imported (of _LIBRARIES), plus `extra` (e.g. a peer's venv)."""
     out = {}
@@ -192,7 +195,7 @@ def save(
         "name": name,
         "command": command(argv),
         "date": datetime.date.today().isoformat(),
-        "commit": _commit(),
+        "commit": _START["commit"],
         "duration_s": round(time.time() - _START["time"], 1),
         "load_avg": {"start": [round(x, 2) for x in _START["load"]], "end": [round(x, 2) for x in os.getloadavg()]},
         "machine": machine_info if machine_info is not None else machine(),

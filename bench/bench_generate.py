@@ -1,8 +1,9 @@
 """Decode speed: jaxlm.generate vs transformers PyTorch and HF's Flax GPT-2, GPT-2 124M shape, CPU, same run.
 
     python bench/bench_generate.py --hf-flax-python PATH   # PATH: a Python with transformers 4.57, flax, jax
+    python bench/bench_generate.py --dtypes float32,bfloat16 --hf-flax-python PATH  # bf16 rows too
 
-Greedy, 8-token prompt, 128 new tokens (no early stop), batch 1 and 8, float32 and bfloat16, random
+Greedy, 8-token prompt, 128 new tokens (no early stop), batch 1 and 8, float32 (and bfloat16), random
 weights shared by jaxlm and PyTorch (jaxlm's init written out with `jaxlm.to_hf`); HF Flax runs
 `jax.jit(model.generate)` on its own random init (bench/hf_flax_generate.py, a subprocess). Then
 beam search with 4 beams, jaxlm against PyTorch (float32, batch 1). jaxlm's tokens/s is the decode
@@ -10,23 +11,27 @@ loop's (batch x steps / time; compile and prefill excluded, both reported); the 
 `generate` call (their prefill of 8 tokens is about one step). The bandwidth bound is the parameter
 bytes read per step over a measured read bandwidth (a jitted sum of a 512 MB array); a row at a
 large fraction of it is bandwidth-bound, one far below it compute-bound. JAXLM_NATIVE=0 times decoding
-without jaxlm's native kernels (XLA's products), as on a CPU without AVX-512.
+without jaxlm's native kernels (XLA's products), as on a CPU without AVX-512. bfloat16 rows are asked for
+with --dtypes: on a CPU without AVX-512 BF16 or AMX, PyTorch's bf16 generate is emulated and slow (on a
+2-core AMD EPYC with AVX2 only, shared, its bf16 rows had not finished after 40 minutes). Writes
+bench/results/generate.json (generate_native_off.json under JAXLM_NATIVE=0; another shape adds _LnDn).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
+import json
 import os
-import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import record  # early: the run's start time and load average
 
 import jaxlm
 from jaxlm.generation.generator import Generator
@@ -59,17 +64,21 @@ def bench_jaxlm(gen: Generator, batch: int, reps: int, **options):
     return best, compile_s, out
 
 
-def bench_hf_flax(python: str, batch: int, dtype: str, reps: int, config) -> tuple[float, float]:
-    """(tok/s, compile s) of HF's Flax GPT-2 in its own venv."""
+def bench_hf_flax(python: str, batch: int, dtype: str, reps: int, config) -> dict:
+    """HF's Flax GPT-2 in its own venv: {"tok_per_s", "compile_s", versions}, or {"absent": why}."""
     script = Path(__file__).with_name("hf_flax_generate.py")
     cmd = [python, str(script), "--batch", str(batch), "--prompt", str(PROMPT), "--new", str(NEW)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd += ["--dtype", dtype, "--reps", str(reps), "--n-layer", str(config.n_layer), "--n-embd", str(config.n_embd)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    except OSError as e:
+        return {"absent": f"--hf-flax-python could not be started ({e.strerror})"}
     if r.returncode:
-        raise SystemExit(f"HF Flax bench failed:\n{r.stderr[-2000:]}")
-    tps, compile_s = r.stdout.split()[-2:]
-    return float(tps), float(compile_s)
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"HF Flax bench failed, recorded as absent:\n{r.stderr[-2000:]}", file=sys.stderr)
+        return {"absent": f"the HF Flax run failed: {last[:200]}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def bench_model_apply(config, params, batch: int, reps: int) -> float:
@@ -123,7 +132,7 @@ def bench_torch(model, batch: int, reps: int, threads: int, **options):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32", help="e.g. float32,bfloat16 (see the docstring on bf16)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per row (best is reported)")
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
@@ -151,7 +160,34 @@ def main():
         model.generation_config.pad_token_id = 50256
     bandwidth = read_bandwidth()
 
-    rows = []
+    rows, flax_absent, flax_versions = [], set(), {}
+
+    def row(what, b, stats, compile_s, torch_tps, flax, apply_tps, bound, same):
+        peers = [x for x in (torch_tps, flax.get("tok_per_s")) if x]
+        flax_absent.update([flax["absent"]] if "absent" in flax else [])
+        flax_versions.update({f"HF Flax venv {k}": v for k, v in flax.items() if k in ("transformers", "flax", "jax")})
+        out = {
+            "decode": what,
+            "batch": b,
+            "jaxlm_tok_per_s": round(stats.tokens_per_s, 1),
+            "jaxlm_ms_per_step": round(1e3 * stats.decode_s / stats.steps, 1),
+            "jaxlm_of_bandwidth_bound_pct": round(100 * stats.tokens_per_s / bound, 1),
+            "torch_tok_per_s": None if torch_tps is None else round(torch_tps, 1),
+            "hf_flax_tok_per_s": flax.get("tok_per_s"),
+            "jaxlm_over_best_peer": round(stats.tokens_per_s / max(peers), 2) if peers else None,
+            "jaxlm_compile_s": round(compile_s, 1),
+            "hf_flax_compile_s": flax.get("compile_s"),
+            "jaxlm_prefill_ms": round(1e3 * stats.prefill_s),
+            "same_tokens_as_torch": same,
+        }
+        if args.model_apply:
+            out["gpt_apply_loop_tok_per_s"] = None if apply_tps is None else round(apply_tps, 1)
+        rows.append(out)
+
+    def same_as(theirs, ours, dtype):
+        return None if theirs is None or dtype != "float32" else theirs == ours
+
+    no_flax = {"absent": "no --hf-flax-python given"}
     for dtype in dtypes:
         gen = Generator(params, config, dtype=dtype)
         weight_bytes = f32_bytes * jnp.dtype(dtype).itemsize // 4
@@ -166,13 +202,10 @@ def main():
                 cast = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
                 torch_tps, theirs = bench_torch(cast, b, args.reps, args.threads)
                 del cast
-            flax = (
-                bench_hf_flax(args.hf_flax_python, b, dtype, args.reps, config) if args.hf_flax_python else (None, None)
-            )
+            flax = bench_hf_flax(args.hf_flax_python, b, dtype, args.reps, config) if args.hf_flax_python else no_flax
             apply_tps = bench_model_apply(config, params, b, 1) if args.model_apply and dtype == "float32" else None
             bound = b * bandwidth / weight_bytes
-            same = "-" if theirs is None or dtype != "float32" else ("yes" if theirs == ours else "NO")
-            rows.append((f"greedy {dtype}", b, stats, compile_s, torch_tps, flax[0], apply_tps, bound, same))
+            row(f"greedy {dtype}", b, stats, compile_s, torch_tps, flax, apply_tps, bound, same_as(theirs, ours, dtype))
         del gen
     for dtype in [] if args.no_beams else args.beam_dtypes.split(","):
         gen = Generator(params, config, dtype=dtype)
@@ -185,47 +218,38 @@ def main():
             torch_tps, theirs = bench_torch(cast, 1, args.reps, args.threads, num_beams=BEAMS)
             del cast
         # tok/s of beam search: returned tokens (batch x new) per second, as for the peers
-        bound = BEAMS * bandwidth / (f32_bytes * jnp.dtype(dtype).itemsize // 4)
-        same = "-" if theirs is None or dtype != "float32" else ("yes" if theirs == ours else "NO")
-        rows.append((f"beam {BEAMS} {dtype}", 1, stats, compile_s, torch_tps, None, None, bound / BEAMS, same))
+        bound = BEAMS * bandwidth / (f32_bytes * jnp.dtype(dtype).itemsize // 4) / BEAMS
+        flax = {"absent": "beam search is not timed for HF Flax"}
+        row(f"beam {BEAMS} {dtype}", 1, stats, compile_s, torch_tps, flax, None, bound, same_as(theirs, ours, dtype))
 
-    versions = f"jax {jax.__version__}"
-    if model is not None:
-        import torch
-        import transformers
-
-        versions += f", torch {torch.__version__} ({args.threads} threads), transformers {transformers.__version__}"
-    print(f"{datetime.date.today()} | {_cpu_name()}, {os.cpu_count()} cores | load average {os.getloadavg()[0]:.1f}")
-    print(versions)
-    for dtype in dtypes:
-        why = jaxlm.cpu.native.unavailable(dtype)
+    products = {d: jaxlm.cpu.native.unavailable(d) for d in dtypes}
+    for dtype, why in products.items():
         print(f"{dtype} decode products: {'jaxlm.cpu.native kernel' if why is None else f'XLA ({why})'}")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step {f32_bytes / 1e6:.0f} MB (float32)\n")
-    print(
-        "| decode | batch | jaxlm tok/s | ms/step | of bandwidth bound | PyTorch tok/s | HF Flax tok/s | vs best "
-        "| compile s | prefill ms | same tokens as PyTorch | GPT.apply loop tok/s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for what, b, s, compile_s, torch_tps, flax_tps, apply_tps, bound, same in rows:
-        best_other = max(flax_tps or 0, torch_tps or 0)
-        vs = f"{s.tokens_per_s / best_other:.2f}x" if best_other else "-"
-        print(
-            f"| {what} | {b} | {s.tokens_per_s:.1f} | {1e3 * s.decode_s / s.steps:.1f} | {s.tokens_per_s / bound:.0%} "
-            f"| {_num(torch_tps)} | {_num(flax_tps)} | {vs} | {compile_s:.1f} | {1e3 * s.prefill_s:.0f} | {same} "
-            f"| {_num(apply_tps)} |"
-        )
-
-
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.1f}"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    record.print_table(rows)
+    notes = [
+        f"GPT-2 shape {config.n_layer} layers x {config.n_embd} wide, random weights (jaxlm's init, written out "
+        f"with `jaxlm.to_hf` for PyTorch; HF Flax runs its own random init); {PROMPT}-token prompt, {NEW} new "
+        f"tokens without early stop; best of {args.reps} timed runs per row, each row's sides run one after "
+        "another. jaxlm's tok/s is its decode loop's (compile and prefill excluded, both reported); the peers' "
+        "is their whole `generate` call (a prefill of 8 tokens is about one step). Beam search counts returned "
+        "tokens.",
+        "Decode products: "
+        + "; ".join(f"{d} {'jaxlm native kernel' if w is None else f'XLA ({w})'}" for d, w in products.items())
+        + ".",
+        f"The bandwidth bound is batch x read bandwidth / weight bytes per step ({f32_bytes / 1e6:.0f} MB in "
+        f"float32; read bandwidth {bandwidth / 1e9:.1f} GB/s, the best of 10 jitted sums over 512 MB in this "
+        "run): a row near 100% is bandwidth-bound, one far below it compute-bound.",
+        f"PyTorch: {args.threads} threads" if model is not None else "PyTorch: not run (--no-torch).",
+    ]
+    if flax_absent:
+        notes.append("HF Flax: " + "; ".join(sorted(flax_absent)) + ".")
+    if args.hf_flax_python:
+        notes.append("PATH: a Python of its own with transformers 4.57 (the last with Flax models), flax and jax.")
+    name = "generate" + ("_native_off" if os.environ.get("JAXLM_NATIVE") == "0" else "")
+    if (config.n_layer, config.n_embd) != (12, 768):
+        name += f"_L{config.n_layer}_D{config.n_embd}"
+    print(record.save(name, rows, notes="\n\n".join(notes), extra_versions=flax_versions))
 
 
 if __name__ == "__main__":

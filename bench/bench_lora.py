@@ -1,6 +1,6 @@
 """LoRA against full fine-tuning: step time, peak memory and optimizer-state bytes, each case in its own process.
 
-    python bench/bench_lora.py                      # GPT-2 124M shape, batch 4 x 256, float32; a markdown table
+    python bench/bench_lora.py                      # GPT-2 124M shape, batch 4 x 256, float32
     python bench/bench_lora.py --size tiny --steps 3  # the same on a 2-layer model, to try it
 
 Both cases run jaxlm's real train step (jit_train_step, state donated) on a random-init model and random
@@ -10,7 +10,8 @@ process's maximum resident set size (a fresh process per case, so one case's mem
 other; it also holds the Python/XLA runtime and the compiler's own peak, which both cases pay); step memory is
 what XLA's buffer assignment gives the compiled step (arguments + outputs + temporaries - donated aliases: the
 device memory a GPU or TPU would need for the step); optimizer-state bytes are the sizes of the AdamW state's
-arrays. The JSON line at the end adds the RSS peaks after building the state and after compiling.
+arrays. The rows add the RSS peaks after building the state and after compiling. Writes
+bench/results/lora.json (lora_tiny.json for --size tiny; a non-default --batch-size adds _bN).
 """
 
 from __future__ import annotations
@@ -125,31 +126,48 @@ def main():
     if args.case:
         print("RESULT " + json.dumps(run_case(args.case, args.size, args.steps, args.batch_size)))
         return
+    import record  # the run's start time and load average
+
     results = {}
     for case in CASES:
         cmd = [sys.executable, __file__, "--case", case, "--size", args.size, "--steps", str(args.steps)]
         cmd += ["--batch-size", str(args.batch_size)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[case] = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
-    full, lo = results["full"], results["lora"]
-    print(
-        f"| {args.size}, batch {args.batch_size}x{SIZES[args.size]['block_size']}, float32 | full | LoRA r=8 c_attn "
-        "| LoRA / full | goal |"
+    rows = []
+    for case, r in results.items():
+        rows.append(
+            {
+                "case": "full fine-tuning" if case == "full" else "LoRA r=8 on c_attn",
+                "trainable_params": r["trainable"],
+                "ms_per_step_median": round(r["ms_per_step"], 1),
+                "peak_rss_mb": round(r["peak_rss_mb"]),
+                "step_buffers_mb": round(r["step_mb"]),
+                "step_temporaries_mb": round(r["temp_mb"]),
+                "opt_state_mb": round(r["opt_state_mb"], 2),
+                "peak_rss_after_state_mb": round(r["peak_rss_state_mb"]),
+                "peak_rss_after_compile_mb": round(r["peak_rss_compile_mb"]),
+                "compile_s": round(r["compile_s"], 1),
+                "loss": round(r["loss"], 3),
+            }
+        )
+    full, lo = rows
+    ratio = {k: lo[k] / full[k] for k in full if isinstance(full[k], int | float) and full[k] and k != "loss"}
+    record.print_table(rows)
+    shape = SIZES[args.size]
+    notes = (
+        f"{args.size} shape ({shape['n_layer']} layers x {shape['n_embd']}, vocabulary {shape['vocab_size']}), "
+        f"random init and random tokens, batch {args.batch_size} x {shape['block_size']}, float32, "
+        f"{args.steps} timed steps after a warm-up step, each case in a fresh process. LoRA / full: step time "
+        f"{ratio['ms_per_step_median']:.2f}x, peak RSS {ratio['peak_rss_mb']:.2f}x, step buffers "
+        f"{ratio['step_buffers_mb']:.2f}x, optimizer state {100 * ratio['opt_state_mb']:.2f}%, trainable "
+        f"parameters {100 * ratio['trainable_params']:.2f}%. Step buffers are XLA's buffer assignment for the "
+        "compiled step (arguments + outputs + temporaries - donated aliases: the device memory a GPU or TPU "
+        "would need); peak RSS also holds the runtime and the compiler's own peak, which both cases pay."
     )
-    print("|---|---:|---:|---:|---:|")
-    rows = [
-        ("trainable params", "trainable", "{:,.0f}", None),
-        ("ms / step (median)", "ms_per_step", "{:,.0f}", "<= 0.8x"),
-        ("peak memory (RSS, MB)", "peak_rss_mb", "{:,.0f}", "<= 0.6x"),
-        ("step memory (XLA buffers, MB)", "step_mb", "{:,.0f}", "<= 0.6x"),
-        ("  of which temporaries (MB)", "temp_mb", "{:,.0f}", None),
-        ("optimizer state (MB)", "opt_state_mb", "{:,.2f}", "<= 1%"),
-    ]
-    for label, key, fmt, goal in rows:
-        ratio = lo[key] / full[key]
-        shown = f"{100 * ratio:.2f}%" if key in ("opt_state_mb", "trainable") else f"{ratio:.2f}x"
-        print(f"| {label} | {fmt.format(full[key])} | {fmt.format(lo[key])} | {shown} | {goal or ''} |")
-    print(json.dumps(results))
+    name = "lora" + ("" if args.size == "gpt2" else f"_{args.size}")
+    name += "" if args.batch_size == 4 else f"_b{args.batch_size}"
+    print(record.save(name, rows, notes=notes))
 
 
 if __name__ == "__main__":

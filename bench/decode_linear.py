@@ -1,6 +1,6 @@
 """Why `jaxlm.generation.decode._linear` takes the form it takes: x @ W.T over GPT-2 124M's 48 layer kernels, by form.
 
-    python bench/decode_linear.py                       # float32 and bfloat16, 1, 2, 8 and 32 rows
+    python bench/decode_linear.py                       # float32 and bfloat16, 1, 2, 8 and 32 rows, every form
     python bench/decode_linear.py --dtypes bfloat16 --rows 1,8
     python bench/decode_linear.py --rows 1,8,32,64,128 --forms matmul,jaxlm,native
 
@@ -10,18 +10,21 @@ median ms and the weight bytes read per second. Forms: "matmul" (einsum, float32
 (a multiply-reduce, products in float32), "jaxlm" (whatever `decode._linear` picks for that dtype and
 row count on unpacked weights: XLA's forms) and "native" (`jaxlm.cpu.native`'s AVX-512 kernel on packed
 weights, which decoding uses where it runs). A decode step of the 124M model reads these kernels plus
-the 50257 x 768 head.
+the 50257 x 768 head. "native" is left out, and the notes say why, where the CPU does not run the kernel.
+Writes bench/results/decode_linear.json (decode_linear_native_off.json under JAXLM_NATIVE=0).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import record  # early: the run's start time and load average
 from jax import lax
 
 from jaxlm.cpu import native
@@ -66,18 +69,30 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--rows", default="1,2,8,32", help="rows of x (batch x tokens of one step)")
-    p.add_argument("--forms", default="matmul,fused,jaxlm", help=f"of {', '.join(FORMS)}")
+    p.add_argument("--forms", default=",".join(FORMS), help=f"of {', '.join(FORMS)}")
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args()
     print("| dtype | rows | form | ms | GB/s of weights |\n|---|---|---|---|---|")
+    rows, skipped = [], {}
     for dtype in args.dtypes.split(","):
         nbytes = sum(o * i for o, i in KERNELS) * jnp.dtype(dtype).itemsize
-        for rows in map(int, args.rows.split(",")):
+        for n in map(int, args.rows.split(",")):
             for name in args.forms.split(","):
-                if name == "native" and native.unavailable(dtype):
+                if name == "native" and (why := native.unavailable(dtype)):
+                    skipped[dtype] = why
                     continue
-                ms = time_form(FORMS[name], dtype, rows, args.reps)
-                print(f"| {dtype} | {rows} | {name} | {ms:.2f} | {nbytes / ms / 1e6:.1f} |", flush=True)
+                ms = time_form(FORMS[name], dtype, n, args.reps)
+                print(f"| {dtype} | {n} | {name} | {ms:.2f} | {nbytes / ms / 1e6:.1f} |", flush=True)
+                gbps = round(nbytes / ms / 1e6, 1)
+                rows.append({"dtype": dtype, "rows": n, "form": name, "ms": round(ms, 2), "weights_gbps": gbps})
+    notes = (
+        f"GPT-2 124M's 48 layer kernels in one jitted program, each product behind an optimization barrier; "
+        f"the median of {args.reps} calls. weights_gbps is the kernels' bytes read per second."
+    )
+    if skipped:
+        notes += " The native form was not run: " + "; ".join(f"{d}: {w}" for d, w in skipped.items()) + "."
+    name = "decode_linear" + ("_native_off" if os.environ.get("JAXLM_NATIVE") == "0" else "")
+    print(record.save(name, rows, notes=notes))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Forms: "plain" is the textbook one ([N, V] logits, jax.nn.logsumexp, jnp.argmax)
 `jaxlm.cpu.eval_head.score_targets` as the scorer runs it on a CPU (groups of CPU_HEAD_ROWS rows) with C
 vocabulary entries per chunk (the scorer's: CPU_VOCAB_CHUNK); "jaxlm, rows 64" the previous CPU form
 (row chunks of 64, each against the whole vocabulary); "jaxlm, one piece" no chunks at all. Prints the
-median ms per call of each.
+median ms per call of each and writes bench/results/eval_head.json.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def main():
     import jax
     import jax.numpy as jnp
     import numpy as np
+    import record  # the run's start time and load average
 
     from jaxlm.cpu.eval_head import CPU_HEAD_ROWS, CPU_VOCAB_CHUNK, score_targets
 
@@ -51,6 +52,7 @@ def main():
         f"{jax.default_backend()}, {jax.device_count()} device(s); the scorer's CPU form: "
         f"groups of {CPU_HEAD_ROWS} rows, {CPU_VOCAB_CHUNK} vocabulary entries per chunk"
     )
+    rows = []
     for n in (int(x) for x in args.rows.split(",")):
         h_NxD = jnp.asarray(rng.standard_normal((n, D)).astype(np.float32))
         t_N = jnp.asarray(rng.integers(0, V, n).astype(np.int32))
@@ -68,6 +70,14 @@ def main():
         print(f"\n{n} scored rows ({2 * n * D * V / 1e9:.1f} GFLOP of head matmul): median ms per call")
         for name, ts in times.items():
             print(f"  {name:18s} {statistics.median(ts):8.1f}")
+            rows.append({"scored_rows": n, "form": name, "ms_per_call_median": round(statistics.median(ts), 1)})
+    notes = (
+        f"GPT-2 124M's head (768 x 50257, random), float32, {args.rounds} timed calls of each form, the forms "
+        f"alternated; every form checked against the plain one first. The scorer's CPU form: groups of "
+        f"{CPU_HEAD_ROWS} rows, {CPU_VOCAB_CHUNK} vocabulary entries per chunk. One call at 512 rows is "
+        f"{2 * 512 * D * V / 1e9:.1f} GFLOP of head matmul."
+    )
+    print(record.save("eval_head", rows, notes=notes))
 
 
 if __name__ == "__main__":

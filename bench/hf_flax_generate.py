@@ -1,12 +1,17 @@
 """Greedy decode speed of Hugging Face's Flax GPT-2 (`jax.jit(model.generate)`), run by bench_generate.py
 in a Python that has transformers 4.57 (the last with Flax models) via --hf-flax-python.
 
-    python bench/hf_flax_generate.py --batch 1 --prompt 8 --new 128 --dtype float32   # prints tok/s
+    python bench/hf_flax_generate.py --batch 1 --prompt 8 --new 128 --dtype float32
+
+Prints one JSON line: tok/s of the best timed call, the first call's seconds (compile included) and the
+versions of this Python's transformers, flax and jax.
 """
 
 import argparse
+import json
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,4 +50,14 @@ for _ in range(args.reps):
     out = jax.block_until_ready(gen(model.params, ids))
     best = min(best, time.perf_counter() - t0)
 assert out.shape == (args.batch, args.prompt + args.new), out.shape
-print(f"{args.batch * args.new / best:.2f} {compile_s:.1f}")
+print(
+    json.dumps(
+        {
+            "tok_per_s": round(args.batch * args.new / best, 2),
+            "compile_s": round(compile_s, 1),
+            "transformers": transformers.__version__,
+            "flax": flax.__version__,
+            "jax": jax.__version__,
+        }
+    )
+)

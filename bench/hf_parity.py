@@ -1,6 +1,8 @@
 """Max |logit| and |loss| difference, jaxlm vs PyTorch transformers, on random-init HF checkpoints.
 
 python bench/hf_parity.py    # includes the full GPT-2 124M shape; about a minute on 2 CPU cores
+
+Writes bench/results/hf_parity.json.
 """
 
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import record  # early: the run's start time and load average
 import torch
 import transformers
 
@@ -29,6 +32,7 @@ def main():
     torch.set_num_threads(2)
     print("| checkpoint | tokens | max abs logit diff | abs loss diff |")
     print("|---|---:|---:|---:|")
+    rows = []
     for shape in [*SHAPES, None]:
         with tempfile.TemporaryDirectory() as d:
             if shape is None:
@@ -46,7 +50,21 @@ def main():
             logits = jaxlm.GPT(config).apply({"params": params}, jnp.asarray(tokens))
             loss = float(jaxlm.cross_entropy(logits[:, :-1], jnp.asarray(tokens[:, 1:])))
             dl = np.abs(np.asarray(logits) - ref.logits.numpy()).max()
-            print(f"| {name} | 2 x {T} | {dl:.1e} | {abs(loss - float(ref.loss)):.1e} |")
+            dloss = abs(loss - float(ref.loss))
+            print(f"| {name} | 2 x {T} | {dl:.1e} | {dloss:.1e} |")
+            rows.append(
+                {
+                    "checkpoint": name,
+                    "tokens": f"2 x {T}",
+                    "max_abs_logit_diff_vs_torch": float(f"{dl:.2g}"),
+                    "abs_loss_diff_vs_torch": float(f"{dloss:.2g}"),
+                }
+            )
+    notes = (
+        "float32 on both sides; random tokens; jaxlm loads each directory with `jaxlm.load` and PyTorch with "
+        "`GPT2LMHeadModel.from_pretrained`. The tests assert max |logit difference| <= 1e-4."
+    )
+    print(record.save("hf_parity", rows, notes=notes))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@
 
 GPT-2 124M (`GPT2LMHeadModel`, random init, float32, dropout 0.0 as jaxlm's gpt2-124m preset), batch 4 x 256
 random tokens, loss from `labels=`, backward, gradient clipping at 1.0, AdamW with weight decay: the step a
-transformers user writes. Prints one JSON line: ms per step (first two steps excluded: warm-up).
+transformers user writes. Prints one JSON line: ms per step, mean and median (first two steps excluded:
+warm-up), the last loss and the process's peak RSS. bench_train.py runs it as gpt2-f32's peer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 import numpy as np
@@ -40,8 +42,12 @@ def run(steps: int, threads: int | None, batch: int = 4, block: int = 256) -> di
         times.append(time.perf_counter() - t)
     steady = times[2:]
     return {
+        "ms_per_step": round(1000 * float(np.mean(steady)), 1),
         "ms_per_step_median": round(1000 * float(np.median(steady)), 1),
-        "ms_per_step": [round(1000 * s, 1) for s in steady],
+        "steps": len(steady),
+        "loss": round(float(loss), 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "ms_per_step_each": [round(1000 * s, 1) for s in steady],
         "threads": torch.get_num_threads(),
         "tokens_per_step": batch * block,
         "torch": torch.__version__,

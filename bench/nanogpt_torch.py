@@ -6,7 +6,8 @@ A compact transcription of karpathy/nanoGPT's model.py (LayerNorm with bias, fus
 scaled_dot_product_attention, exact GELU, tied head, 0.02 init) and train.py's step (AdamW betas
 (0.9, 0.99) with weight decay on 2-D params, clip 1.0, warmup 100 then cosine to 1e-4 at --iters, random
 windows from the train split), on the same tokens jaxlm trains on. Prints one JSON line: ms per iteration
-(first 10 iterations excluded) and, as nanoGPT's estimate_loss does, the mean val loss of 20 random batches.
+(first 10 iterations excluded) and, as nanoGPT's estimate_loss does, the mean val loss of 20 random batches,
+and the process's peak RSS. bench_train.py runs it as the nanogpt-cpu case's peer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import time
 
 import numpy as np
@@ -108,8 +110,12 @@ def run(iters: int, compile_model: bool = False, threads: int | None = None, see
     with torch.no_grad():  # nanoGPT's estimate_loss: mean over eval_iters=20 random val batches
         val_loss = float(np.mean([model(*batch("val")).item() for _ in range(20)]))
     return {
+        "ms_per_step": round(1000 * float(np.mean(steady)), 2),
         "ms_per_iter": round(1000 * float(np.mean(steady)), 2),
         "ms_per_iter_median": round(1000 * float(np.median(steady)), 2),
+        "steps": len(steady),
+        "tokens_per_step": B * T,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "seed": seed,
         "threads": torch.get_num_threads(),
         "compile": compile_model,

@@ -9,7 +9,8 @@ kernels from a `jax.profiler` trace, grouped by phase (forward, backward, optimi
 op's `jvp(...)` / `transpose(jvp(...))` metadata in the compiled HLO) and kind (YNNPACK dot or
 reduction fusions, other dots, copy/transpose fusions, scatter/gather, elementwise fusions).
 CPU time is printed beside wall time because on a shared machine the wall clock also counts waiting
-for a core; kernel durations in the trace are wall time too, so read the table as shares.
+for a core; kernel durations in the trace are wall time too, so read the table as shares. Writes
+bench/results/profile_train.json (profile_train_CONFIG.json for another --config).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="profiled steps")
     args = p.parse_args()
 
+    import record  # the run's start time and load average
+
     from jaxlm.train.runtime import keep_freed_memory
 
     keep_freed_memory()  # as train.py does for small models: no page faults from freed step buffers
@@ -121,19 +124,22 @@ def main():
         params = jax.tree.map(jnp.copy, box[0]["params"])  # the step donates its state
         batch = trainer.Batch(jax.device_put(tokens, trainer.batch_sharding(mesh)))
         one = trainer.Batch(jnp.asarray(tokens[0]))
-        fwd = jax.jit(lambda p, b: loss_fn(p, b, None)[0])
-        vg = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0]))
+        fwd = jax.jit(lambda p, b: loss_fn(p, None, b, None)[0])
+        vg = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, None, b, None)[0]))
 
         def step():
             box[0], metrics = step_fn(box[0], batch)
             return metrics
 
-        print(f"{config.flops_per_token(T) * A * B * T / 1e9:.2f} GFLOP per step (6N + 12LTD per token)")
-        for name, f in (("forward + loss", lambda: fwd(params, one)), ("value_and_grad", lambda: vg(params, one))):
+        gflop = config.flops_per_token(T) * A * B * T / 1e9
+        print(f"{gflop:.2f} GFLOP per step (6N + 12LTD per token)")
+        timed = []
+        functions = (("forward + loss", lambda: fwd(params, one)), ("value_and_grad", lambda: vg(params, one)))
+        for name, f in (*functions, ("train step (jit_train_step, AdamW)", step)):
             wall, cpu = _time(f, args.calls)
             print(f"{name:16s} {wall:8.2f} ms wall {cpu:8.2f} ms CPU (median / mean of {args.calls})")
-        wall, cpu = _time(step, args.calls)
-        print(f"{'train step':16s} {wall:8.2f} ms wall {cpu:8.2f} ms CPU")
+            timed.append({"table": "functions", "function": name, "wall_ms_median": round(wall, 2)})
+            timed[-1]["cpu_ms_mean"] = round(cpu, 2)
 
         ops = _hlo_ops(step_fn.lower(box[0], batch).compile().as_text())
         with tempfile.TemporaryDirectory() as trace_dir:
@@ -145,6 +151,20 @@ def main():
     print("| phase | kind | kernels/step | ms/step | share |\n|---|---|---|---|---|")
     for phase, kind, n, ms, share in rows:
         print(f"| {phase} | {kind} | {n:.0f} | {ms:.2f} | {100 * share:.1f}% |")
+    kernels = [
+        {"table": "kernels of the step", "phase": ph, "kind": k, "kernels_per_step": round(n)}
+        | {"ms_per_step": round(ms, 2), "share_pct": round(100 * share, 1)}
+        for ph, k, n, ms, share in rows
+    ]
+    notes = (
+        f"TrainConfig preset {args.config} ({gflop:.2f} GFLOP per step, 6N + 12LTD per token), "
+        f"{jax.device_count()} device(s), random tokens; functions timed over {args.calls} calls after two "
+        f"warm-up calls (wall: median, CPU: the process's mean per call); kernels from a `jax.profiler` trace of "
+        f"{args.steps} steps, grouped by the compiled HLO's `jvp` / `transpose(jvp)` metadata (phase) and op "
+        "(kind). Kernel durations are wall time: on a loaded machine read them as shares."
+    )
+    name = "profile_train" + ("" if args.config == "nanogpt-cpu" else f"_{args.config}")
+    print(record.save(name, timed + kernels, notes=notes))
 
 
 if __name__ == "__main__":

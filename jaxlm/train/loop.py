@@ -37,7 +37,7 @@ from .runtime import (
     record_layout,
 )
 from .setup import RunComplete, Setup, check_incomplete, resume_config, run_meta, setup
-from .state import checkpoint_items
+from .state import checkpoint_items, prng_impl
 from .step import batch_sharding, jit_train_step, lm_loss, make_eval_step
 
 
@@ -100,6 +100,7 @@ class Loop:
             "tokenizer": s.tokenizer,
             "data": {"counts": s.data.meta["counts"], "tokenizer": s.data.tokenizer_spec, "source": str(cfg.dataset)},
             "frozen_paths": list(s.frozen_paths),
+            "prng_impl": prng_impl(),  # the dropout key's shape and draws: a resume must use the same
         }
         if s.lora is not None:
             self.meta["lora"] = s.lora

@@ -38,7 +38,7 @@ from .adapters import (
     own,
 )
 from .optimizer import make_optimizer
-from .state import model_layout, new_state, restore_state
+from .state import check_prng_impl, model_layout, new_state, restore_state
 
 _RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "loss.png")
 COMPUTE_FIELDS = ("dropout", "dtype", "remat", "scan_layers")  # how a stored model computes: flags may change
@@ -78,6 +78,7 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
             raise JaxlmError(f"--init-from resume: {out} holds no checkpoint to resume; use --init-from scratch")
         cfg = resume_config(cfg.to_dict(), explicit, previous[1])
         _check_incomplete(out, previous[0], cfg)
+        check_prng_impl(previous[1])
 
     params, tokenizer = None, None  # a pretrained source's own (None: the dataset's)
     if resume:

@@ -86,7 +86,7 @@ class Loop:
             f"{jax.devices()[0].platform} device(s); steps {s.start}..{cfg.max_iters}"
         )
         self.train_steps, self.eval_step, self.state = self._compile(loss_fn)
-        self.peak = cfg.peak_flops or peak_flops_per_device()
+        self.peak = cfg.peak_flops or peak_flops_per_device(mesh.devices.flat[0], config.dtype)
         if self.peak is None and jax.devices()[0].platform == "cpu":
             self.peak = measure_matmul_flops(2048, seconds=0.5) / len(jax.devices())  # what bench/ uses
         self.step, self.last_saved, self.val_loss = s.start, None, None

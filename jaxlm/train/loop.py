@@ -63,7 +63,7 @@ def train(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, *, los
             with RunLock(cfg.out_dir):  # one writer per run directory, taken before anything is written
                 s = setup(cfg, explicit, log, trainable)
                 record_layout(s.cfg.out_dir, is_small(s.cfg))
-                with sharding.activate(s.mesh):  # steps are traced under the mesh and its logical-axis rules
+                with sharding.activate(s.mesh), out_of_memory_said(s):  # steps trace under the mesh and its rules
                     return Loop(s, stop, log, t_start, loss_fn or s.loss_fn or lm_loss(s.config)).run()
         except RunComplete as done:
             log(str(done))
@@ -250,6 +250,24 @@ class Loop:
             "out_dir": str(self.out),
             "stopped_by": self.stop.signal,
         }
+
+
+@contextlib.contextmanager
+def out_of_memory_said(s: Setup):
+    """XLA's RESOURCE_EXHAUSTED (a step, the state or a compiled program too big for a device) as one line that
+    names the batch and the flags that lower memory."""
+    try:
+        yield
+    except Exception as e:
+        if not distributed.is_out_of_memory(e):
+            raise
+        cfg, A = s.cfg, s.cfg.gradient_accumulation_steps
+        what = str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")[:200]
+        raise JaxlmError(
+            f"out of device memory at --batch-size {cfg.batch_size} (x {A} micro-batch(es) of {s.config.block_size} "
+            f"tokens, over {s.mesh.size} device(s)): {what}; lower --batch-size (raise --gradient-accumulation-steps "
+            "to keep the tokens per step) or set --remat true; --mesh fsdp=N shards params and optimizer state"
+        ) from None
 
 
 def _local_rows(batch_sh: NamedSharding, shape: tuple) -> slice:

@@ -261,12 +261,12 @@ def out_of_memory_said(s: Setup):
     except Exception as e:
         if not distributed.is_out_of_memory(e):
             raise
-        cfg, A = s.cfg, s.cfg.gradient_accumulation_steps
-        what = str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")[:200]
+        A, B, T = s.cfg.gradient_accumulation_steps, s.cfg.batch_size, s.config.block_size
+        what = str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ").rstrip(". ")[:200]
         raise JaxlmError(
-            f"out of device memory at --batch-size {cfg.batch_size} (x {A} micro-batch(es) of {s.config.block_size} "
-            f"tokens, over {s.mesh.size} device(s)): {what}; lower --batch-size (raise --gradient-accumulation-steps "
-            "to keep the tokens per step) or set --remat true; --mesh fsdp=N shards params and optimizer state"
+            f"out of device memory at --batch-size {B} ({A} micro-batch(es) of {B} x {T} tokens per step on "
+            f"{s.mesh.size} device(s); XLA: {what}); lower --batch-size (raise --gradient-accumulation-steps to keep "
+            "the tokens per step) or set --remat true; --mesh fsdp=N shards params and optimizer state over N devices"
         ) from None
 
 

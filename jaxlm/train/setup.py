@@ -66,8 +66,9 @@ class Setup:
     loss_fn: Callable | None = None  # None: the LM loss of `config`
 
 
-def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, trainable=None) -> Setup:
-    """Resolve `cfg` into a Setup; `trainable` (a predicate on param paths, None: all) picks what trains."""
+def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, trainable=None, mesh=None) -> Setup:
+    """Resolve `cfg` into a Setup; `trainable` (a predicate on param paths, None: all) picks what trains; `mesh`
+    (a jax Mesh with jaxlm's axes, in any device order) replaces the one --mesh makes."""
     out = Path(cfg.out_dir).expanduser()
     resume = cfg.init_from == "resume"
     lora_flags = None if resume else check_lora_flags(cfg, explicit)  # before anything is written
@@ -101,7 +102,7 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
     if not resume and previous is not None:
         _replace_run(out, previous, config, cfg.overwrite, log)
 
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
     if cfg.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise JaxlmError(
             f"--batch-size {cfg.batch_size} must be divisible by the data x fsdp mesh size "

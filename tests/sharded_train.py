@@ -3,8 +3,9 @@
     python tests/sharded_train.py OUT_ROOT MESH [MESH ...]
 
 For each mesh ("single" = no mesh flag; "lora:MESH" = LoRA r=4 on c_attn,c_proj,c_fc of a fixed random
-base, the adapters then being the "shards" reported), trains the same tiny model 10 steps into OUT_ROOT/<mesh>,
-and prints one JSON line: {mesh: {"losses": [...], "shards": {param: shard shape}, "opt_shards": ...}}.
+base, the adapters then being the "shards" reported; "permuted:MESH" = MESH over a shuffled device order, with
+--peak-flops 1e12 and each train row's "rows" {"tokens_per_s", "mfu"}), trains the same tiny model 10 steps
+into OUT_ROOT/<mesh>, and prints one JSON line: {mesh: {"losses": [...], "shards": {param: shard shape}, ...}}.
 Then: the first mesh's run is restored onto every other mesh (params saved to OUT_ROOT/restored-<mesh>.npz,
 with their shard shapes), and a run of 5 steps on the first mesh is resumed to 10 on the last ("resumed").
 """
@@ -63,12 +64,17 @@ def main():
     root, meshes = Path(sys.argv[1]), sys.argv[2:]
     report = {"devices": jax.device_count()}
     for mesh in meshes:
-        is_lora = mesh.startswith("lora:")
-        plain = mesh.removeprefix("lora:")
+        is_lora, permuted = mesh.startswith("lora:"), mesh.startswith("permuted:")
+        plain = mesh.removeprefix("lora:").removeprefix("permuted:")
         spec = None if plain == "single" else plain
         out = root / _name(mesh)
         cfg = lora_config_for(root, out, spec) if is_lora else config_for(out, spec)
-        s = trainer.setup(cfg, log=lambda *a, **k: None)
+        m = None
+        if permuted:  # the mesh's device order shuffled: each device holds other rows, the same math
+            order = np.random.default_rng(0).permutation(jax.device_count())
+            m = sharding.make_mesh(spec, devices=[jax.devices()[i] for i in order])
+            cfg = config_for(out, spec, peak_flops=1e12)
+        s = trainer.setup(cfg, log=lambda *a, **k: None, mesh=m)
         with sharding.activate(s.mesh):
             state = s.init_state()
         shards = sharding.shard_summary(state["params"])
@@ -76,9 +82,13 @@ def main():
             k: v for k, v in sharding.shard_summary(state["opt_state"]).items() if k.endswith(("c_fc/kernel", "lora_b"))
         }
         del s, state
-        trainer.train(cfg, log=lambda *a, **k: None)
+        trainer.train(cfg, log=lambda *a, **k: None, mesh=m)
         report[mesh] = {"losses": losses(out), "shards": shards, "opt_shards": opt_shards, "out": str(out)}
-    meshes = [m for m in meshes if not m.startswith("lora:")]  # restores and resume: the plain runs
+        if permuted:
+            rows = trainer.read_metrics(out / "metrics.jsonl")
+            report[mesh]["rows"] = [{k: r[k] for k in ("tokens_per_s", "mfu")} for r in rows if "loss" in r]
+            report[mesh]["order"] = [int(i) for i in order]
+    meshes = [m for m in meshes if not m.startswith(("lora:", "permuted:"))]  # restores and resume: plain runs
     first, last = meshes[0], meshes[-1]
     saved = Path(report[first]["out"])
     for mesh in meshes[1:]:

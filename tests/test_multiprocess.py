@@ -111,3 +111,31 @@ def test_a_failed_collective_is_told_from_other_errors():
     assert is_peer_loss(gloo)
     assert not is_peer_loss(ValueError("--batch-size must be >= 1"))
     assert not is_peer_loss(RuntimeError("disk full"))
+
+
+def test_rows_go_to_the_devices_that_hold_them_and_oom_is_not_a_dead_peer(tmp_path):
+    """A mesh that interleaves the two processes' devices trains the natural order's losses (each process builds
+    the rows its devices hold, not one slice); a batch too big for memory is reported as that, by both."""
+    port = _port()
+    script = str(ROOT / "tests" / "permuted_processes.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(tmp_path), f"127.0.0.1:{port}", str(i)],
+            cwd=ROOT,
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    report = json.loads(next(line for line in outs[0][0].splitlines() if line.startswith("RESULT "))[7:])
+    assert report["rows"] == [0, 2, 4, 6]  # process 0 holds rows 0, 2, 4, 6 of 8 (one each), not a slice
+    assert report["interleaved"] == report["natural"]  # bit for bit: each mesh position holds the same rows
+    for out, err in outs:
+        oom = next(line for line in out.splitlines() if line.startswith("OOM "))
+        assert "out of device memory at --batch-size 4194304" in oom and "--remat true" in oom, oom
+        assert "another process" not in err

@@ -10,6 +10,7 @@ import jaxlm
 from jaxlm.parallel import sharding
 
 MESHES = ["data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2"]
+PERMUTED = "permuted:data=2,fsdp=2,tensor=2"  # MESHES[2] over a shuffled device order
 LORA_MESH = "lora:fsdp=4,tensor=2"  # a LoRA run (adapters sharded by the same rules table) on the richest mesh
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 
@@ -26,7 +27,7 @@ def runs(tmp_path_factory):
     script = str(ROOT / "tests" / "sharded_train.py")
     one = {"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     single = _result(run_py(script, str(root / "one"), "single", "lora:single", env=one))
-    many = _result(run_py(script, str(root / "eight"), *MESHES, LORA_MESH, env=EIGHT, timeout=600))
+    many = _result(run_py(script, str(root / "eight"), *MESHES, LORA_MESH, PERMUTED, env=EIGHT, timeout=600))
     return single, many, root
 
 
@@ -39,6 +40,18 @@ def test_every_mesh_gives_the_single_device_losses(runs):
         losses = np.array(many[mesh]["losses"])
         assert losses.shape == ref.shape, mesh
         np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=mesh)
+
+
+def test_a_permuted_device_order_trains_the_same_losses(runs):
+    """Batch rows go to the devices that hold them (make_array_from_callback), whatever the mesh's device
+    order; --peak-flops is what MFU divides by."""
+    _, many, _ = runs
+    run = many[PERMUTED]
+    assert run["order"] != sorted(run["order"])
+    assert run["losses"] == many[MESHES[2]]["losses"]  # bit for bit: each mesh position holds the same rows
+    flops = jaxlm.GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=64).flops_per_token(32)
+    for row in run["rows"]:
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * flops / (1e12 * 8), rel=1e-9)
 
 
 def test_lora_on_a_mesh_gives_the_single_device_losses_and_shards_adapters(runs):

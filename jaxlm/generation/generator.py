@@ -24,7 +24,9 @@ sharded as `jaxlm.parallel.sharding` places them, so a model too big for one dev
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -97,11 +99,14 @@ class Generator:
         self.config = config
         self.mesh = mesh
         if mesh is None:
-            self.dparams = decode.prepare(params, config)
-            self._weights_key = None
+            dparams = decode.prepare(params, config)  # on the default device
+            # Committed there: every call computes on that device, whatever the default device is by then.
+            self.dparams = jax.device_put(dparams, next(iter(jax.tree.leaves(dparams)[0].devices())))
         else:
             self.params = place_on(mesh, params, param_shardings(config, mesh))
-            self._weights_key = tuple((x.sharding, x.dtype) for x in jax.tree.leaves(self.params))
+        # Where the weights live (their devices) is part of every executable's key: two Generators on two
+        # devices compile their own.
+        self._weights_key = tuple((x.sharding, x.dtype) for x in jax.tree.leaves(self._weights))
         self.stats = GenerateStats()
         self.scores: list[float] | None = None
 
@@ -225,17 +230,26 @@ def _new_only(hist_S, *, P, n, eos):
     return _until_eos(hist_S[P : P + n].tolist(), eos)
 
 
-# Executables by (what, shapes, statics), compiled ahead of time so compile time is measurable.
-EXECUTABLES: dict = {}
+# Executables by (what, shapes, statics, the weights' shardings), compiled ahead of time so compile time is
+# measured on its own; the least recently used go first beyond MAX_EXECUTABLES (a server sees many shapes).
+MAX_EXECUTABLES = 64
+EXECUTABLES: OrderedDict = OrderedDict()
+_EXECUTABLES_LOCK = threading.Lock()
 
 
 def _compiled(key, jitted, args, stats: GenerateStats):
-    exe = EXECUTABLES.get(key)
-    if exe is None:
-        t0 = time.perf_counter()
-        exe = jitted.lower(*args).compile()
-        stats.compile_s += time.perf_counter() - t0
+    with _EXECUTABLES_LOCK:
+        exe = EXECUTABLES.get(key)
+        if exe is not None:
+            EXECUTABLES.move_to_end(key)
+            return exe
+    t0 = time.perf_counter()
+    exe = jitted.lower(*args).compile()
+    stats.compile_s += time.perf_counter() - t0
+    with _EXECUTABLES_LOCK:
         EXECUTABLES[key] = exe
+        while len(EXECUTABLES) > MAX_EXECUTABLES:
+            EXECUTABLES.popitem(last=False)
     return exe
 
 

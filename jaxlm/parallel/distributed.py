@@ -59,14 +59,31 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-# What a collective's error says when its peer is gone. Orbax's barriers (a save) surface the same
-# Gloo failure as a plain ValueError, not a JaxRuntimeError.
-_PEER_LOSS = ("Gloo", "Connection closed by peer", "Connection reset by peer", "UNAVAILABLE", "heartbeat")
+# What a failed collective or the coordination service says when a peer is gone (Gloo between CPUs, NCCL
+# between GPUs, the service's heartbeat and RPCs). Told by the text, not the type: a device out of memory or
+# a bad program is a JaxRuntimeError too, and Orbax's barriers (a save) raise Gloo's failure as a ValueError.
+_PEER_LOSS = (
+    "Gloo",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "heartbeat timeout",
+    "remote process exited",
+    "UNAVAILABLE:",
+    "Socket closed",
+)
+# How XLA reports a device allocation (or, on a TPU, a compiled program) that does not fit: "RESOURCE_EXHAUSTED:
+# Out of memory while trying to allocate N bytes" (GPU), "... Ran out of memory in memory space hbm" (TPU).
+_OUT_OF_MEMORY = "RESOURCE_EXHAUSTED"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """XLA ran out of device memory (in any process: each reports its own)."""
+    return _OUT_OF_MEMORY in str(e)
 
 
 def is_peer_loss(e: BaseException) -> bool:
-    """A runtime error from XLA, or another error whose text is a failed collective's."""
-    return isinstance(e, jax.errors.JaxRuntimeError) or any(m in str(e) for m in _PEER_LOSS)
+    """A collective failed because another process of the job is gone."""
+    return not is_out_of_memory(e) and any(m in str(e) for m in _PEER_LOSS)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,15 @@ kernels, lora, model, parallel, data, io, generation); never eval or serve.
 from ..io.runs import load_run
 from ..parallel.sharding import placed_shapes as abstract
 from .loop import Loop, TrainingDiverged, main, train
-from .metrics import PEAK_FLOPS, RunLog, measure_matmul_flops, peak_flops_per_device, plot_losses, read_metrics
+from .metrics import (
+    PEAK_FLOPS,
+    RunLog,
+    measure_matmul_flops,
+    peak_flops_for,
+    peak_flops_per_device,
+    plot_losses,
+    read_metrics,
+)
 from .optimizer import decay_mask, lr_schedule, make_optimizer
 from .runlock import RunLock, RunLocked
 from .runtime import apply_layout, host_layout, is_small, keep_freed_memory, use_cpu_cores
@@ -54,6 +62,7 @@ __all__ = [
     "measure_matmul_flops",
     "model_layout",
     "new_state",
+    "peak_flops_for",
     "peak_flops_per_device",
     "plot_losses",
     "read_metrics",

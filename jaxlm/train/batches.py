@@ -8,7 +8,8 @@ Eval uses one fixed set of `eval_iters` batches; for SFT data they are padded to
 every val example, and their loss is the masked mean over all their counted tokens.
 
 Both are pure functions of (seed, step, rows): a resumed run draws exactly the batches the uninterrupted one
-drew, and a process builds only its rows of the global batch (the batch axis shards as for text).
+drew, and each process builds only the rows its devices hold (`jax.make_array_from_callback`, asked per
+device: a mesh may give a process rows that are not contiguous, e.g. a TPU pod's device order).
 """
 
 from __future__ import annotations
@@ -22,18 +23,21 @@ from ..data import tokens as data
 from .step import Batch
 
 
-def batches_for(ds, seed: int, shape: tuple[int, int], block_size: int, eval_iters: int, batch_sh, rows):
+def batches_for(ds, seed: int, shape: tuple[int, int], block_size: int, eval_iters: int, batch_sh):
     """The batches object for `ds`: SFTBatches for prompt/completion data, else TextBatches."""
     kind = SFTBatches if isinstance(ds, sft.SFTData) else TextBatches
-    return kind(ds, seed, shape, block_size, eval_iters, batch_sh, rows)
+    return kind(ds, seed, shape, block_size, eval_iters, batch_sh)
 
 
 class TextBatches:
-    def __init__(self, ds: data.TokenData, seed, shape, block_size, eval_iters, batch_sh, rows):
-        self.ds, self.seed, self.shape, self.T, self.sh, self.rows = ds, seed, shape, block_size, batch_sh, rows
+    def __init__(self, ds: data.TokenData, seed, shape, block_size, eval_iters, batch_sh):
+        self.ds, self.seed, self.shape, self.T, self.sh = ds, seed, shape, block_size, batch_sh
         self.lengths = (block_size,)  # the row lengths T a train batch can have
-        val = [self._local("val", i, (1, shape[1]))[0] for i in range(eval_iters)]
-        self.val = self._global(np.stack(val))
+
+        def val(rows):
+            return np.stack([self._rows("val", i, (1, shape[1]), rows)[0] for i in range(eval_iters)])
+
+        self.val = Batch(assemble(batch_sh, (eval_iters, shape[1], block_size + 1), val))
 
     def summary(self) -> str:
         return f"{len(self.ds.train):,} train tokens"
@@ -42,26 +46,29 @@ class TextBatches:
         return Batch(jax.ShapeDtypeStruct((*self.shape, T + 1), jnp.int32, sharding=self.sh))
 
     def train(self, step: int) -> Batch:
-        return self._global(self._local("train", step, self.shape))
+        return Batch(
+            assemble(self.sh, (*self.shape, self.T + 1), lambda rows: self._rows("train", step, self.shape, rows))
+        )
 
-    def _local(self, split, step, shape):
-        return data.get_batch(self.ds, split, self.seed, step, shape, self.T, self.rows)
-
-    def _global(self, tokens) -> Batch:
-        return Batch(jax.make_array_from_process_local_data(self.sh, tokens, _global_shape(tokens, self.shape)))
+    def _rows(self, split, step, shape, rows):
+        return data.get_batch(self.ds, split, self.seed, step, shape, self.T, rows)
 
 
 class SFTBatches:
-    def __init__(self, ds: sft.SFTData, seed, shape, block_size, eval_iters, batch_sh, rows):
-        self.ds, self.seed, self.shape, self.T, self.sh, self.rows = ds, seed, shape, block_size, batch_sh, rows
+    def __init__(self, ds: sft.SFTData, seed, shape, block_size, eval_iters, batch_sh):
+        self.ds, self.seed, self.shape, self.T, self.sh = ds, seed, shape, block_size, batch_sh
         ladder = sft.bucket_lengths(block_size)
         self.lengths = tuple(T for T in ladder if _bucket_of(ds.train.lengths, ladder).get(T))
         T_val = max(_bucket_of(ds.val.lengths, ladder))  # every val example fits: one shape for the eval set
-        val = [
-            sft.get_batch(ds, "val", seed, i, (1, shape[1]), block_size, rows, buckets=[T_val])
-            for i in range(eval_iters)
-        ]
-        self.val = self._global(np.concatenate([t for t, _ in val]), np.concatenate([m for _, m in val]))
+
+        def val(rows):
+            parts = [
+                sft.get_batch(ds, "val", seed, i, (1, shape[1]), block_size, rows, buckets=[T_val])
+                for i in range(eval_iters)
+            ]
+            return np.concatenate([t for t, _ in parts]), np.concatenate([m for _, m in parts])
+
+        self.val = self._global(val, (eval_iters, shape[1]), T_val)
 
     def summary(self) -> str:
         m = self.ds.meta
@@ -77,19 +84,37 @@ class SFTBatches:
         )
 
     def train(self, step: int) -> Batch:
-        tokens, mask = sft.get_batch(self.ds, "train", self.seed, step, self.shape, self.T, self.rows)
-        return self._global(tokens, mask)
+        def rows_of(rows):
+            return sft.get_batch(self.ds, "train", self.seed, step, self.shape, self.T, rows)
 
-    def _global(self, tokens, mask) -> Batch:
-        put = jax.make_array_from_process_local_data
-        return Batch(
-            put(self.sh, tokens, _global_shape(tokens, self.shape)), put(self.sh, mask, _global_shape(mask, self.shape))
-        )
+        T = rows_of(slice(0, 0))[1].shape[-1]  # the step's bucket, the same for every row: read off no rows
+        return self._global(rows_of, self.shape, T)
+
+    def _global(self, rows_of, shape: tuple[int, int], T: int) -> Batch:
+        """(tokens, mask) of `shape` rows of length T, each device's rows built once by `rows_of(rows)`."""
+        rows_of = _once_per_rows(rows_of)
+        tokens = assemble(self.sh, (*shape, T + 1), lambda rows: rows_of(rows)[0])
+        return Batch(tokens, assemble(self.sh, (*shape, T), lambda rows: rows_of(rows)[1]))
 
 
-def _global_shape(local: np.ndarray, shape: tuple[int, int]) -> tuple:
-    """The global shape of a process's [A, b, ...] rows: b -> the global batch B."""
-    return (local.shape[0], shape[1], *local.shape[2:])
+def assemble(sharding, shape: tuple, rows_of) -> jax.Array:
+    """The global [A, B, ...] array on `sharding` whose rows (axis 1, the only one split) come from
+    `rows_of(rows)`, a slice of B; called once per distinct slice this process's devices hold."""
+    rows_of = _once_per_rows(rows_of)
+    return jax.make_array_from_callback(shape, sharding, lambda index: rows_of(index[1])[index[0]])
+
+
+def _once_per_rows(rows_of):
+    """`rows_of` remembered by its slice: devices holding the same rows (a tensor axis) share one build."""
+    built = {}
+
+    def cached(rows: slice):
+        key = rows.indices(1 << 62)
+        if key not in built:
+            built[key] = rows_of(rows)
+        return built[key]
+
+    return cached
 
 
 def _bucket_of(lengths: np.ndarray, ladder: list[int]) -> dict[int, int]:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from ..config import TrainConfig
 from ..errors import JaxlmError, disk_full
@@ -37,7 +36,7 @@ from .runtime import (
     record_layout,
 )
 from .setup import RunComplete, Setup, check_incomplete, resume_config, run_meta, setup
-from .state import checkpoint_items
+from .state import checkpoint_items, prng_impl
 from .step import batch_sharding, jit_train_step, lm_loss, make_eval_step
 
 
@@ -45,11 +44,14 @@ class TrainingDiverged(JaxlmError):
     """The loss or the gradients became NaN/inf."""
 
 
-def train(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, *, loss_fn=None, trainable=None) -> dict:
+def train(
+    cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, *, loss_fn=None, trainable=None, mesh=None
+) -> dict:
     """Train as `cfg` says; returns a summary {"step", "val_loss", "seconds", "out_dir", "stopped_by"}.
 
     `loss_fn` (default: the LM loss of the run's model) and `trainable` (a predicate on param paths; default:
-    everything) are the seams for other objectives and frozen parts.
+    everything) are the seams for other objectives and frozen parts; `mesh` (default: `cfg.mesh`'s) one whose
+    device order is the caller's (`jaxlm.parallel.sharding.make_mesh(spec, devices=...)`).
     """
     t_start = time.perf_counter()
     if is_small(cfg):
@@ -61,9 +63,9 @@ def train(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, *, los
         try:
             check_incomplete(cfg, explicit)  # a finished run is left untouched (its lock file too)
             with RunLock(cfg.out_dir):  # one writer per run directory, taken before anything is written
-                s = setup(cfg, explicit, log, trainable)
+                s = setup(cfg, explicit, log, trainable, mesh)
                 record_layout(s.cfg.out_dir, is_small(s.cfg))
-                with sharding.activate(s.mesh):  # steps are traced under the mesh and its logical-axis rules
+                with sharding.activate(s.mesh), out_of_memory_said(s):  # steps trace under the mesh and its rules
                     return Loop(s, stop, log, t_start, loss_fn or s.loss_fn or lm_loss(s.config)).run()
         except RunComplete as done:
             log(str(done))
@@ -77,8 +79,7 @@ class Loop:
         self.out = Path(cfg.out_dir).expanduser()
         A, B, T = cfg.gradient_accumulation_steps, cfg.batch_size, config.block_size
         batch_sh = batch_sharding(mesh)
-        rows = _local_rows(batch_sh, (A, B, T + 1))
-        self.batches = batches_for(s.data, cfg.seed, (A, B), T, cfg.eval_iters, batch_sh, rows)
+        self.batches = batches_for(s.data, cfg.seed, (A, B), T, cfg.eval_iters, batch_sh)
         lengths = self.batches.lengths
         log(
             f"model: {config.num_params() / 1e6:.2f}M params ({config.arch_summary()}, {config.dtype}); data: "
@@ -86,7 +87,7 @@ class Loop:
             f"{jax.devices()[0].platform} device(s); steps {s.start}..{cfg.max_iters}"
         )
         self.train_steps, self.eval_step, self.state = self._compile(loss_fn)
-        self.peak = cfg.peak_flops or peak_flops_per_device()
+        self.peak = cfg.peak_flops or peak_flops_per_device(mesh.devices.flat[0], config.dtype)
         if self.peak is None and jax.devices()[0].platform == "cpu":
             self.peak = measure_matmul_flops(2048, seconds=0.5) / len(jax.devices())  # what bench/ uses
         self.step, self.last_saved, self.val_loss = s.start, None, None
@@ -100,6 +101,7 @@ class Loop:
             "tokenizer": s.tokenizer,
             "data": {"counts": s.data.meta["counts"], "tokenizer": s.data.tokenizer_spec, "source": str(cfg.dataset)},
             "frozen_paths": list(s.frozen_paths),
+            "prng_impl": prng_impl(),  # the dropout key's shape and draws: a resume must use the same
         }
         if s.lora is not None:
             self.meta["lora"] = s.lora
@@ -251,12 +253,22 @@ class Loop:
         }
 
 
-def _local_rows(batch_sh: NamedSharding, shape: tuple) -> slice:
-    """The rows of the global batch (axis 1) that this process's devices hold."""
-    idx = batch_sh.addressable_devices_indices_map(shape).values()
-    starts = [i[1].start or 0 for i in idx]
-    stops = [shape[1] if i[1].stop is None else i[1].stop for i in idx]
-    return slice(min(starts), max(stops))
+@contextlib.contextmanager
+def out_of_memory_said(s: Setup):
+    """XLA's RESOURCE_EXHAUSTED (a step, the state or a compiled program too big for a device) as one line that
+    names the batch and the flags that lower memory."""
+    try:
+        yield
+    except Exception as e:
+        if not distributed.is_out_of_memory(e):
+            raise
+        A, B, T = s.cfg.gradient_accumulation_steps, s.cfg.batch_size, s.config.block_size
+        what = str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ").rstrip(". ")[:200]
+        raise JaxlmError(
+            f"out of device memory at --batch-size {B} ({A} micro-batch(es) of {B} x {T} tokens per step on "
+            f"{s.mesh.size} device(s); XLA: {what}); lower --batch-size (raise --gradient-accumulation-steps to keep "
+            "the tokens per step) or set --remat true; --mesh fsdp=N shards params and optimizer state over N devices"
+        ) from None
 
 
 def main(argv=None) -> int:

@@ -15,28 +15,65 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from ..config import check_dtype
 from ..utils.publish import write_file
 
-# Dense bf16 peak FLOP/s per JAX device, by device_kind prefix (first match wins).
-PEAK_FLOPS = (
-    ("TPU v2", 22.5e12),
-    ("TPU v3", 61.5e12),
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5", 459e12),
-    ("TPU v6 lite", 918e12),
-    ("NVIDIA H200", 989e12),
-    ("NVIDIA H100", 989e12),
-    ("NVIDIA A100", 312e12),
-    ("NVIDIA L4", 121e12),
-    ("Tesla V100", 125e12),
-    ("Tesla T4", 65e12),
-)
+# Dense (no sparsity) peak FLOP/s of one JAX device, by the exact `device_kind` JAX reports, as
+# (bfloat16, float32): vendor datasheets, whose tensor-core figures are "with sparsity" and halved here.
+# float32 is what JAX's default matmul precision runs a float32 product as: one bfloat16 pass on a TPU
+# (the bf16 peak), TF32 tensor cores on NVIDIA Ampere and later. Volta and Turing have no bf16 or TF32
+# tensor cores: both dtypes run on the FP32 units. Unknown kinds give None (no MFU) unless --peak-flops.
+#   source (per chip)                                  bf16 dense    TF32 / fp32 dense
+#   Cloud TPU v2 (2 TensorCores = 2 JAX devices)       45 TF/chip    (bf16 pass)
+#   Cloud TPU v3 (2 TensorCores = 2 JAX devices)       123 TF/chip   (bf16 pass)
+#   Cloud TPU v4 (megacore: 1 JAX device)              275 TF        (bf16 pass)
+#   Cloud TPU v5e / v5p / v6e (1 JAX device each)      197 / 459 / 918 TF
+#   A100 datasheet (SXM4 and PCIe, 40 and 80 GB)       624* -> 312   TF32 312* -> 156
+#   H100 datasheet: SXM5 / PCIe / NVL                  1979* / 1513* / 1671*   TF32 989* / 756* / 835*
+#   H200 datasheet: SXM / NVL                          1979* / 1671*           TF32 989* / 835*
+#   L4 datasheet                                       242* -> 121   TF32 120* -> 60
+#   V100 datasheet: SXM2 / PCIe / V100S PCIe           (no bf16)     FP32 15.7 / 14 / 16.4
+#   T4 datasheet                                       (no bf16)     FP32 8.1
+_A100 = (312e12, 156e12)
+_H100_SXM, _H100_PCIE, _NVL = (989.5e12, 494.5e12), (756.5e12, 378e12), (835.5e12, 417.5e12)
+PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "TPU v2": (22.5e12, 22.5e12),
+    "TPU v3": (61.5e12, 61.5e12),
+    "TPU v4": (275e12, 275e12),
+    "TPU v5 lite": (197e12, 197e12),  # v5e
+    "TPU v5": (459e12, 459e12),  # v5p
+    "TPU v5p": (459e12, 459e12),
+    "TPU v6 lite": (918e12, 918e12),  # v6e
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA H100 80GB HBM3": _H100_SXM,  # the SXM5 part
+    "NVIDIA H100 PCIe": _H100_PCIE,
+    "NVIDIA H100 NVL": _NVL,
+    "NVIDIA H200": _H100_SXM,  # the SXM part: H100 SXM's compute, more memory
+    "NVIDIA H200 NVL": _NVL,
+    "NVIDIA L4": (121e12, 60e12),
+    "Tesla V100-SXM2-16GB": (15.7e12, 15.7e12),
+    "Tesla V100-SXM2-32GB": (15.7e12, 15.7e12),
+    "Tesla V100-PCIE-16GB": (14e12, 14e12),
+    "Tesla V100-PCIE-32GB": (14e12, 14e12),
+    "Tesla V100S-PCIE-32GB": (16.4e12, 16.4e12),
+    "Tesla T4": (8.1e12, 8.1e12),
+}
 
 
-def peak_flops_per_device(device=None) -> float | None:
-    kind = (device or jax.devices()[0]).device_kind
-    return next((flops for prefix, flops in PEAK_FLOPS if kind.startswith(prefix)), None)
+def peak_flops_for(device_kind: str, dtype: str = "bfloat16") -> float | None:
+    """Dense peak FLOP/s of one device of `device_kind` (exactly as JAX reports it) computing in `dtype`
+    ("bfloat16" or "float32"); None for a kind not in PEAK_FLOPS (a CPU, or an accelerator it does not know)."""
+    check_dtype(dtype)
+    peaks = PEAK_FLOPS.get(device_kind)
+    return None if peaks is None else peaks[("bfloat16", "float32").index(dtype)]
+
+
+def peak_flops_per_device(device=None, dtype: str = "bfloat16") -> float | None:
+    """`peak_flops_for` the kind of `device` (default: the first device)."""
+    return peak_flops_for((device or jax.devices()[0]).device_kind, dtype)
 
 
 def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, seconds: float = 1.0) -> float:

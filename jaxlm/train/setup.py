@@ -38,7 +38,7 @@ from .adapters import (
     own,
 )
 from .optimizer import make_optimizer
-from .state import model_layout, new_state, restore_state
+from .state import check_prng_impl, model_layout, new_state, restore_state
 
 _RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "loss.png")
 COMPUTE_FIELDS = ("dropout", "dtype", "remat", "scan_layers")  # how a stored model computes: flags may change
@@ -66,8 +66,9 @@ class Setup:
     loss_fn: Callable | None = None  # None: the LM loss of `config`
 
 
-def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, trainable=None) -> Setup:
-    """Resolve `cfg` into a Setup; `trainable` (a predicate on param paths, None: all) picks what trains."""
+def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, trainable=None, mesh=None) -> Setup:
+    """Resolve `cfg` into a Setup; `trainable` (a predicate on param paths, None: all) picks what trains; `mesh`
+    (a jax Mesh with jaxlm's axes, in any device order) replaces the one --mesh makes."""
     out = Path(cfg.out_dir).expanduser()
     resume = cfg.init_from == "resume"
     lora_flags = None if resume else check_lora_flags(cfg, explicit)  # before anything is written
@@ -78,6 +79,7 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
             raise JaxlmError(f"--init-from resume: {out} holds no checkpoint to resume; use --init-from scratch")
         cfg = resume_config(cfg.to_dict(), explicit, previous[1])
         _check_incomplete(out, previous[0], cfg)
+        check_prng_impl(previous[1])
 
     params, tokenizer = None, None  # a pretrained source's own (None: the dataset's)
     if resume:
@@ -100,7 +102,7 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
     if not resume and previous is not None:
         _replace_run(out, previous, config, cfg.overwrite, log)
 
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
     if cfg.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise JaxlmError(
             f"--batch-size {cfg.batch_size} must be divisible by the data x fsdp mesh size "

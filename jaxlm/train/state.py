@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from ..config import GPTConfig
+from ..errors import JaxlmError
 from ..io import runs
 from ..model.gpt import init_params, param_shapes
 from ..parallel import sharding
@@ -33,7 +34,7 @@ def layout(trainable_shapes, trainable_shardings, tx, mesh, frozen_shapes=None, 
         "frozen": frozen_shapes or {},
         "opt_state": opt_shapes,
         "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+        "rng": key_data_shape(),
     }
     shardings = {
         "params": trainable_shardings,
@@ -43,6 +44,28 @@ def layout(trainable_shapes, trainable_shardings, tx, mesh, frozen_shapes=None, 
         "rng": rep,
     }
     return shapes, shardings
+
+
+def key_data_shape() -> jax.ShapeDtypeStruct:
+    """The shape of the state's dropout key data under this process's PRNG (`jax_default_prng_impl`):
+    threefry's is (2,) uint32, rbg's (a TPU setting) (4,) uint32."""
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+
+
+def prng_impl() -> str:
+    """The name of this process's PRNG implementation, recorded with each checkpoint."""
+    return jax.config.jax_default_prng_impl
+
+
+def check_prng_impl(meta: dict):
+    """A run resumes only under the PRNG it was trained with: another one's keys have another shape, or draw
+    other dropout masks. Runs saved before the impl was recorded used the default, threefry2x32."""
+    saved, now = meta.get("prng_impl", "threefry2x32"), prng_impl()
+    if saved != now:
+        raise JaxlmError(
+            f"the run was trained with jax_default_prng_impl={saved}, this process uses {now}; resume with the "
+            f"environment variable JAX_DEFAULT_PRNG_IMPL={saved}"
+        )
 
 
 def model_layout(config: GPTConfig, tx, mesh, trainable=None):

@@ -292,7 +292,8 @@ MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadat
 DEFAULT_TRAIN_PRESET = "shakespeare-char"
 
 # Training presets: overrides of TrainConfig's defaults (which are "shakespeare-char"), a line each for the
-# model, the optimisation, then evaluation and output.
+# model, the optimisation, then evaluation and output. None sets scan_layers or remat: on a GPU or TPU those
+# follow the platform (jaxlm.train.setup.for_platform), on a CPU TrainConfig's defaults.
 # fmt: off
 TRAIN_PRESETS: dict[str, dict] = {
     # Default: char-level Tiny Shakespeare tuned to finish in minutes on a 2-core CPU.

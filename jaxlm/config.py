@@ -20,6 +20,23 @@ def check_dtype(dtype, what: str = "dtype") -> str:
     return dtype
 
 
+# Attention kernels a command may ask for (`--attention`); `jaxlm.kernels.resolve` decides what "auto" means.
+ATTENTIONS = ("auto", "reference", "xla", "cudnn", "splash")
+FUSED_ATTENTIONS = ("xla", "cudnn", "splash")  # jax's and the fused kernels: none of them has attention dropout
+
+
+def check_attention(attention: str, dropout: float = 0.0) -> str:
+    """`attention` if a command may ask for it with this dropout, else a one-line error naming the fix."""
+    if attention not in ATTENTIONS:
+        raise JaxlmError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    if attention in FUSED_ATTENTIONS and dropout > 0:
+        raise JaxlmError(
+            f"--attention {attention} has no attention dropout but dropout is {dropout}; "
+            "use --attention auto (the reference form) or --dropout 0"
+        )
+    return attention
+
+
 def _field(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 

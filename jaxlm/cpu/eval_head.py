@@ -16,6 +16,7 @@ import jax.numpy as jnp
 CPU_VOCAB_CHUNK = 1024
 CPU_HEAD_ROWS = 512
 CPU_ONE_PIECE_ROWS = 64
+CPU_BATCH_TOKENS = 2048  # a CPU scoring batch holds at most this many padded tokens (jaxlm.eval.loglik)
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 

@@ -24,6 +24,7 @@ from ..lora.adapters import LoraConfig
 from .attention import attend
 from .layers import block as residual_block
 from .layers import mlp, self_attention
+from .mesh import tracing_mesh
 
 Cache = dict  # {"k": LxBxSxHxK, "v": LxBxSxHxK}
 
@@ -41,7 +42,8 @@ def _ones(names: tuple):
 
 
 def _constrain(x, names: tuple):
-    return nn.with_logical_constraint(x, names)
+    # The mesh passed explicitly: without it flax 0.12 drops the constraint (jaxlm.model.mesh).
+    return nn.with_logical_constraint(x, names, mesh=tracing_mesh())
 
 
 class LoraDense(nn.Dense):

@@ -209,6 +209,12 @@ class TrainConfig:
     # hardware
     mesh: str | None = _opt(None, "device mesh, e.g. data=2,fsdp=4 (none: all devices on data)")
     peak_flops: float | None = _opt(None, "peak FLOP/s per device for MFU (none: known per device kind)")
+    attention: str = _opt(
+        "auto",
+        "attention kernel: auto (by the mesh's platform: cuDNN on a GPU in bfloat16, splash on a TPU, jaxlm's "
+        "reference form on a CPU or with dropout) | reference | xla | cudnn | splash",
+        choices=ATTENTIONS,
+    )
     # multi-process jobs (not stored with the run: a resumed run may be placed differently)
     coordinator_address: str | None = _opt(
         None,
@@ -246,6 +252,7 @@ class TrainConfig:
         if not self.out_dir or not self.init_from:
             raise JaxlmError("--out-dir and --init-from must not be empty")
         self._check_lora()
+        check_attention(self.attention, self.dropout)
         self.model_config(self.vocab_size or 1)  # n_embd % n_head, dropout range, dtype: fail before any work
 
     def _check_lora(self):

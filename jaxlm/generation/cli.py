@@ -139,7 +139,9 @@ def main(argv=None) -> int:
     max_new = args.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, config.block_size - len(ids))
 
     generator = Generator(params, config, mesh=mesh, dtype=args.dtype, attention=args.attention)
-    print(f"kernels: {generator.kernels.describe()}", file=sys.stderr, flush=True)
+    k = generator.kernels
+    shown = [f"prompt attention: {k.attention_for('prefill')}", k.describe("decode_products")]
+    print(f"kernels: {'; '.join(x for x in shown if x)}", file=sys.stderr, flush=True)
     del params  # the generator holds its own decode-layout copy (with a mesh: these same sharded arrays)
     beams = args.num_beams > 1
     prompts = [ids] if beams else [ids] * args.num_samples

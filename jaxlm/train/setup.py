@@ -24,6 +24,8 @@ from ..data import tokens as data
 from ..errors import JaxlmError
 from ..io import load as loader
 from ..io import runs
+from ..kernels import PORTABLE, Kernels
+from ..kernels import resolve as resolve_kernels
 from ..lora.adapters import describe as describe_lora
 from ..model.gpt import crop_context
 from ..parallel import sharding
@@ -73,6 +75,7 @@ class Setup:
     frozen_paths: tuple[str, ...] = ()  # params held fixed ("a/b/leaf"), recorded with each checkpoint
     lora: dict | None = None  # a LoRA run: {"config", "base": {"source", "fingerprint"}}, recorded likewise
     loss_fn: Callable | None = None  # None: the LM loss of `config`
+    kernels: Kernels = PORTABLE  # what the steps run, resolved from the mesh (jaxlm.kernels)
 
 
 def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, trainable=None) -> Setup:
@@ -122,10 +125,11 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
             cfg, config = cfg.replace(**chosen), config.replace(**chosen)
             settings = ", ".join(f"{k}={v}" for k, v in chosen.items())
             log(f"on {platform}: {settings} (the platform's rule; --scan-layers and --remat choose)")
+    kernels = resolve_kernels(mesh, dtype=config.dtype, dropout=config.dropout, attention=cfg.attention)
     tx = make_optimizer(cfg)
     start = previous[0] if resume else 0
     if (resume and "lora" in previous[1]) or lora_flags is not None:
-        return _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flags, params, log)
+        return _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flags, params, log, kernels)
     if resume:  # the run's own split: what it froze stays frozen
         frozen = set(previous[1].get("frozen_paths", ()))
         trainable = (lambda path: path not in frozen) if frozen else None
@@ -135,7 +139,7 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
     else:
         init = partial(new_state, config, tx, shardings, cfg.seed, params, trainable)
     frozen_paths = tuple(leaf_paths(shapes["frozen"]))
-    return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, frozen_paths)
+    return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, frozen_paths, kernels=kernels)
 
 
 def for_platform(
@@ -189,7 +193,7 @@ def _check_incomplete(out: Path, step: int, cfg: TrainConfig):
         )
 
 
-def _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flags, params, log) -> Setup:
+def _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flags, params, log, kernels) -> Setup:
     """A LoRA run: adapters train (fresh, from --adapter, or the run's own), the base is frozen."""
     if lora_flags is None:  # resume: the run's LoRA config; the base is reloaded and checked when built
         lc, base = lora_from_meta(previous[1])
@@ -210,9 +214,9 @@ def _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flag
             return new_lora_state(config, lc, tx, shardings, cfg.seed, held.pop(), adapters)
 
     log(describe_lora(config, lc) + (f" (continuing {cfg.adapter})" if cfg.adapter and not start else ""))
-    loss_fn = lora_seam(config, lc)
+    loss_fn = lora_seam(config, lc, kernels)
     meta = lora_run_meta(lc, base)
-    return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, (), meta, loss_fn)
+    return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, (), meta, loss_fn, kernels)
 
 
 def _check_writable(out: Path):

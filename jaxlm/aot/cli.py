@@ -9,6 +9,7 @@ needs is printed next to what it has. A program that does not fit exits 2 with o
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ..config import PRESETS, GPTConfig, TrainConfig
@@ -20,9 +21,10 @@ from ..train.adapters import from_flags
 from ..train.flags import parse_train_flags
 from ..train.runtime import vocab_size_of
 from ..train.setup import compute_overrides, for_platform
-from .programs import train_programs
-from .report import compile_program, gib, table
-from .topology import open_slice
+from ..utils.publish import write_file
+from .programs import generation_programs, train_programs
+from .report import compile_program, gib, summary, table
+from .topology import Slice, open_slice
 
 PROG = "python -m jaxlm.aot"
 PROGRAMS = ("train", "eval", "prefill", "decode")
@@ -39,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", required=True, help="the TPU slice, GENERATION:CHIPS, e.g. v5e:2x2, v5e:4x4, v6e:2x2")
     p.add_argument("--config", default=None, help="train.py's --config preset, e.g. gpt2-124m or finetune-gpt2")
     p.add_argument(
+        "--num-samples",
+        type=int,
+        default=3,
+        help="prefill and decode: the batch, as sample.py's --num-samples (one device, sample.py's default)",
+    )
+    p.add_argument("--json", default=None, help="also write the report here as JSON (custom calls included)")
+    p.add_argument(
         "--programs",
         default=",".join(PROGRAMS),
         help="which to compile, comma-separated: train (LoRA's with --lora-rank), eval, prefill, decode",
@@ -51,6 +60,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig, frozenset]:
     args, rest = build_parser().parse_known_args(argv)
     values, explicit = parse_train_flags((["--config", args.config] if args.config else []) + rest, prog=PROG)
     args.programs = [p.strip() for p in args.programs.split(",") if p.strip()]
+    if args.num_samples < 1:
+        raise JaxlmError(f"--num-samples must be >= 1, got {args.num_samples}")
     unknown = [p for p in args.programs if p not in PROGRAMS]
     if unknown or not args.programs:
         raise JaxlmError(f"--programs takes {', '.join(PROGRAMS)} (comma-separated), got {unknown or 'none'}")
@@ -78,9 +89,9 @@ def model_config(cfg: TrainConfig, explicit: frozenset) -> GPTConfig:
     return config
 
 
-def main(argv=None) -> int:
-    args, cfg, explicit = parse_args(argv)
-    tpu = open_slice(args.topology)
+def resolve_run(cfg: TrainConfig, explicit: frozenset, tpu: Slice):
+    """(cfg, config, mesh, LoraConfig or None) of the run on `tpu` as train.py would set it up there: the mesh
+    over the slice's devices, and scan/remat chosen by the platform's rule where the flags leave them unset."""
     config = model_config(cfg, explicit)
     mesh = sharding.make_mesh(cfg.mesh, devices=list(tpu.devices))
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -88,21 +99,31 @@ def main(argv=None) -> int:
         raise JaxlmError(f"--batch-size {cfg.batch_size} does not split over the mesh's {rows} data x fsdp rows")
     chosen = for_platform(cfg, explicit, config, "tpu", dict(mesh.shape), tpu.device_bytes)
     cfg, config = cfg.replace(**chosen), config.replace(**chosen)
-    lora = from_flags(cfg).check(config) if cfg.lora_rank else None
+    return cfg, config, mesh, from_flags(cfg).check(config) if cfg.lora_rank else None
 
+
+def main(argv=None) -> int:
+    args, cfg, explicit = parse_args(argv)
+    tpu = open_slice(args.topology)
+    cfg, config, mesh, lora = resolve_run(cfg, explicit, tpu)
     memory = f"{gib(tpu.device_bytes)} GiB each" if tpu.device_bytes else "memory unknown"
     print(f"model: {config.num_params() / 1e6:.2f}M params ({config.arch_summary()}), {config.dtype}")
     print(
         f"slice: {args.topology}, {len(tpu.devices)} x {tpu.kind} ({memory}); mesh "
         + ",".join(f"{a}={n}" for a, n in mesh.shape.items())
         + f"; scan_layers={config.scan_layers}, remat={config.remat}"
-        + (f"; LoRA r={lora.rank} on {lora.targets}" if lora else "")
+        + (f"; LoRA r={lora.rank} on {','.join(lora.targets)}" if lora else ""),
+        flush=True,
     )
-    programs = [p for p in train_programs(cfg, config, mesh, lora) if p.name.split()[-1] in args.programs]
-    results = []
-    for program in programs:
-        results.append(compile_program(program))
+    T, asked = config.block_size, set(args.programs)
+    programs = train_programs(cfg, config, mesh, lora) if asked & {"train", "eval"} else []
+    if asked & {"prefill", "decode"}:  # a prompt of half the context, then decoding against a cache of all of it
+        programs += generation_programs(config, tpu.devices[0], args.num_samples, max(1, T // 2), T)
+    programs = [p for p in programs if p.name.split()[-1] in asked]
+    results = [compile_program(p) for p in programs]
     print(table(results, tpu.device_bytes, len(tpu.devices)))
+    if args.json:
+        write_file(args.json, json.dumps(summary(results, tpu, mesh, config, lora), indent=1) + "\n")
     over = [r for r in results if not r.fits]
     if over:
         r = over[0]

@@ -95,3 +95,31 @@ def table(results: list[Compiled], device_bytes: int | None, devices: int) -> st
         "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
         for row in rows
     )
+
+
+def summary(results: list[Compiled], tpu, mesh, config, lora) -> dict:
+    """The report as data (what --json writes): the slice, the run, and per program its bytes per device, model
+    FLOPs per device, custom calls and compile times, or why it does not fit."""
+    devices = len(tpu.devices)
+    programs = []
+    for r in results:
+        row = {"name": r.program.name, "shapes": r.program.shapes, "fits": r.fits}
+        row["flops_per_device"] = r.program.flops / devices
+        row["compile_s"], row["compile_cpu_s"] = round(r.seconds, 1), round(r.cpu_seconds, 1)
+        if r.fits:
+            row["memory"] = r.memory()
+            row["custom_calls"] = sorted(r.custom_calls())
+        else:
+            row["error"] = r.error
+        programs.append(row)
+    return {
+        "topology": tpu.name,
+        "device_kind": tpu.kind,
+        "devices": devices,
+        "chips": tpu.chips,
+        "device_bytes": tpu.device_bytes,
+        "mesh": dict(mesh.shape),
+        "model": config.to_dict(),
+        "lora": None if lora is None else lora.to_dict(),
+        "programs": programs,
+    }

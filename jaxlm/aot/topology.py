@@ -30,12 +30,17 @@ EXAMPLES = "v5e:2x2, v5e:2x4, v6e:2x2, v5p:2x2x1, v4:2x2x1"
 # libtpu loaded where no TPU is attached looks for one and prints five lines of warnings at the first topology; these
 # tell it what to assume instead. Only for a machine without a TPU: on a TPU VM libtpu reads its own.
 QUIET_LIBTPU = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost"}
+# libtpu lets one process at a time load it (a lock file guarding the chips); compiling opens no chip, so a compile
+# may run beside another, or beside a training job on a TPU VM.
+SHARED_LIBTPU = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
-def quiet_libtpu_env(environ) -> dict:
-    """The variables of QUIET_LIBTPU to add to `environ` (a mapping), none on a TPU VM or where any is set."""
+def compile_only_env(environ) -> dict:
+    """Variables to add to `environ` (a mapping) before a process that only compiles for TPUs loads libtpu:
+    SHARED_LIBTPU, and QUIET_LIBTPU off a TPU VM; none that `environ` already sets."""
     attached = Path("/dev/accel0").exists() or any(Path("/dev/vfio").glob("[0-9]*"))
-    return {} if attached or any(k in environ for k in QUIET_LIBTPU) else dict(QUIET_LIBTPU)
+    quiet = {} if attached or any(k in environ for k in QUIET_LIBTPU) else QUIET_LIBTPU
+    return {k: v for k, v in {**SHARED_LIBTPU, **quiet}.items() if k not in environ}
 
 
 @dataclass(frozen=True)

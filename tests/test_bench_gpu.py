@@ -11,7 +11,7 @@ def test_gpu_check_smoke_runs_every_part():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])["rows"]
     parts = [row["part"] for row in rows]
-    assert parts.count("parity") == 2 and parts.count("train") == 4 and parts.count("nanogpt") == 1
+    assert parts.count("parity") == 2 and parts.count("train") == 2 and parts.count("nanogpt") == 1
     assert parts.count("decode") == 2 and not any("error" in row for row in rows)
 
     parity = {row["dtype"]: row for row in rows if row["part"] == "parity"}
@@ -20,7 +20,7 @@ def test_gpu_check_smoke_runs_every_part():
     assert parity["bfloat16"]["max_abs_logit_diff"] < 4 * parity["bfloat16"]["torch_bf16_max_abs_logit_diff"] + 1e-3
 
     train = [row for row in rows if row["part"] == "train"]
-    assert {(row["attention"], row["remat"]) for row in train} == {(a, m) for a in ("reference", "xla") for m in (0, 1)}
+    assert {(row["attention"], row["remat"]) for row in train} == {("reference", False), ("xla", True)}
     losses = [row["loss"] for row in train]  # one init, one batch: remat and the attention form change no math
     assert max(losses) - min(losses) < 0.02 and 9 < losses[0] < 12  # ~ln(50257) at init
     assert all(row["tokens_per_s"] > 0 and row["program_peak_gib"] > 0 for row in train)

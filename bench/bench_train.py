@@ -63,7 +63,7 @@ def run_case(name: str, steps: int | None = None, batch_size: int | None = None)
     import numpy as np
 
     import jaxlm.train as trainer
-    from jaxlm import data
+    from jaxlm import data, kernels
     from jaxlm.config import TrainConfig
     from jaxlm.parallel import sharding
 
@@ -79,7 +79,9 @@ def run_case(name: str, steps: int | None = None, batch_size: int | None = None)
     tx = trainer.make_optimizer(cfg)
     with sharding.activate(mesh):
         _, shardings = trainer.model_layout(config, tx, mesh)
-        step_fn = trainer.jit_train_step(trainer.lm_loss(config), tx, trainer.lr_schedule(cfg), shardings, mesh)
+        k = kernels.resolve(mesh, dtype=config.dtype, dropout=config.dropout, attention=cfg.attention)  # as setup()
+        loss_fn = trainer.lm_loss(config, kernels=k)
+        step_fn = trainer.jit_train_step(loss_fn, tx, trainer.lr_schedule(cfg), shardings, mesh)
         state = trainer.new_state(config, tx, shardings, cfg.seed)
         batch_sh = trainer.batch_sharding(mesh)
 

@@ -8,9 +8,9 @@ Each row times one jitted program that applies all 48 kernels ([out, in], the de
 inputs, each product behind an optimization barrier so XLA cannot fuse it into a neighbour, and prints the
 median ms and the weight bytes read per second. Forms: "matmul" (einsum, float32 accumulation), "fused"
 (a multiply-reduce, products in float32), "jaxlm" (whatever `decode._linear` picks for that dtype and
-row count on unpacked weights: XLA's forms) and "native" (`jaxlm.cpu.native`'s AVX-512 kernel on packed
-weights, which decoding uses where it runs). A decode step of the 124M model reads these kernels plus
-the 50257 x 768 head. "native" is left out, and the notes say why, where the CPU does not run the kernel.
+row count on unpacked weights in a CPU program, `products="cpu_fused"`: XLA's forms) and "native"
+(`jaxlm.cpu.native`'s AVX-512 kernel on packed weights, which decoding uses where it runs). A decode step of
+the 124M model reads these kernels plus the 50257 x 768 head.
 Writes bench/results/decode_linear.json (decode_linear_native_off.json under JAXLM_NATIVE=0).
 """
 
@@ -36,7 +36,7 @@ KERNELS = [(3 * D, D), (D, D), (4 * D, D), (D, 4 * D)] * 12  # qkv, attn proj, f
 FORMS = {
     "matmul": lambda x, w: jnp.einsum("nd,od->no", x, w, preferred_element_type=jnp.float32),
     "fused": lambda x, w: jnp.sum(w.astype(jnp.float32) * x[:, None, :].astype(jnp.float32), axis=-1),
-    "jaxlm": lambda x, w: decode._linear(x, w, out_dtype=jnp.float32),
+    "jaxlm": lambda x, w: decode._linear(x, w, out_dtype=jnp.float32, products="cpu_fused"),
     # jaxlm.cpu.native's kernel on weights packed as decode.prepare packs them
     "native": lambda x, w: native.linear(x, w, 16 * w.shape[0]),
 }

@@ -1,18 +1,22 @@
-"""nanoGPT's model and training step in PyTorch eager: the same-run reference for bench_train's nanogpt-cpu case.
+"""nanoGPT's model and training step in PyTorch: the same-run reference for bench_train's nanogpt-cpu case and
+for bench/gpu.py's GPT-2 124M training.
 
-    python bench/nanogpt_torch.py --iters 200 [--compile] [--seed S]
+    python bench/nanogpt_torch.py --iters 200 [--compile] [--seed S]                      # nanoGPT's CPU run
+    python bench/nanogpt_torch.py --shape gpt2-124m --device cuda --bf16 --compile --iters 30 --batch-size 16
 
 A compact transcription of karpathy/nanoGPT's model.py (LayerNorm with bias, fused c_attn,
 scaled_dot_product_attention, exact GELU, tied head, 0.02 init) and train.py's step (AdamW betas
 (0.9, 0.99) with weight decay on 2-D params, clip 1.0, warmup 100 then cosine to 1e-4 at --iters, random
-windows from the train split), on the same tokens jaxlm trains on. Prints one JSON line: ms per iteration
-(first 10 iterations excluded) and, as nanoGPT's estimate_loss does, the mean val loss of 20 random batches,
-and the process's peak RSS. bench_train.py runs it as the nanogpt-cpu case's peer.
+windows from the train split), on the same tokens jaxlm trains on. On CUDA it trains as nanoGPT's train.py does
+there: bfloat16 autocast around the forward pass (`--bf16`), TF32 matmuls, fused AdamW. Prints one JSON line: ms
+per iteration (first 10 iterations excluded), tokens/s, peak GPU memory, and, as nanoGPT's estimate_loss does,
+the mean val loss of 20 random batches. The process's peak RSS too. bench_train.py runs it as the nanogpt-cpu case's peer.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -57,35 +61,69 @@ class NanoGPT(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for b in self.h:
             x = b(x)
         logits = self.lm_head(self.ln_f(x))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-def run(iters: int, compile_model: bool = False, threads: int | None = None, seed: int = 1337) -> dict:
+# (dataset, tokenizer, n_layer, n_head, n_embd, block, batch): nanoGPT's README CPU flags for shakespeare_char, and
+# GPT-2 124M at its full context on Tiny Shakespeare in GPT-2 BPE (bench/gpu.py's shape).
+SHAPES = {
+    "nanogpt-cpu": ("shakespeare_char", "char", 4, 4, 128, 64, 12),
+    "gpt2-124m": ("shakespeare", "gpt2", 12, 12, 768, 1024, 16),
+}
+
+
+def run(
+    iters: int,
+    compile_model: bool = False,
+    threads: int | None = None,
+    seed: int = 1337,
+    *,
+    shape: str = "nanogpt-cpu",
+    device: str = "cpu",
+    bf16: bool = False,
+    batch_size: int | None = None,
+    dims: tuple[int, int, int, int] | None = None,
+) -> dict:
+    """Train for `iters` iterations; `dims` (n_layer, n_head, n_embd, block) replaces the shape's model (tests)."""
     from jaxlm import data
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    ds = data.resolve_dataset("shakespeare_char", "char")
-    L, H, D, T, B = 4, 4, 128, 64, 12  # nanoGPT's README CPU flags for shakespeare_char
-    model = NanoGPT(ds.vocab_size, T, L, H, D)
+    dataset, tokenizer, L, H, D, T, B = SHAPES[shape]
+    L, H, D, T = dims or (L, H, D, T)
+    B = batch_size or B
+    cuda = device.startswith("cuda")
+    if cuda:  # nanoGPT's train.py on a GPU
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ds = data.resolve_dataset(dataset, tokenizer)
+    model = NanoGPT(ds.vocab_size, T, L, H, D).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99)
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-3,
+        betas=(0.9, 0.99),
+        **({"fused": True} if cuda else {}),
     )
     step_model = torch.compile(model) if compile_model else model
     splits = {k: torch.from_numpy(getattr(ds, k).astype(np.int64)) for k in ("train", "val")}
     gen = np.random.default_rng(seed)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def batch(split):
         tokens = splits[split]
         ix = torch.from_numpy(gen.integers(0, len(tokens) - T - 1, B))
-        return torch.stack([tokens[i : i + T] for i in ix]), torch.stack([tokens[i + 1 : i + 1 + T] for i in ix])
+        x = torch.stack([tokens[i : i + T] for i in ix])
+        y = torch.stack([tokens[i + 1 : i + 1 + T] for i in ix])
+        if cuda:  # nanoGPT's: pinned host memory, copied while the GPU works
+            x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
+        return x, y
 
     def lr_at(it):  # nanoGPT's get_lr: linear warmup 100, cosine to 1e-4 at iters
         if it < 100:
@@ -99,20 +137,31 @@ def run(iters: int, compile_model: bool = False, threads: int | None = None, see
         for group in opt.param_groups:
             group["lr"] = lr_at(it)
         x, y = batch("train")
-        loss = step_model(x, y)
+        with autocast:
+            loss = step_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_value = loss.item()  # nanoGPT syncs on the loss every log interval; on the CPU this is free
+        loss_value = loss.item()  # waits for the step: each iteration's time is its own
         times.append(time.perf_counter() - t)
-    steady = times[10:] if len(times) > 20 else times
-    with torch.no_grad():  # nanoGPT's estimate_loss: mean over eval_iters=20 random val batches
+    steady = times[10:] if len(times) > 20 else times[len(times) // 2 :]
+    with torch.no_grad(), autocast:  # nanoGPT's estimate_loss: mean over eval_iters=20 random val batches
         val_loss = float(np.mean([model(*batch("val")).item() for _ in range(20)]))
+    seconds = float(np.mean(steady))
     return {
-        "ms_per_step": round(1000 * float(np.mean(steady)), 2),
-        "ms_per_iter": round(1000 * float(np.mean(steady)), 2),
+        "shape": shape,
+        "n_layer": L,
+        "n_embd": D,
+        "block_size": T,
+        "batch_size": B,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "bf16_autocast": bf16,
+        "ms_per_iter": round(1000 * seconds, 2),
         "ms_per_iter_median": round(1000 * float(np.median(steady)), 2),
+        "tokens_per_s": round(B * T / seconds),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "ms_per_step": round(1000 * seconds, 2),
         "steps": len(steady),
         "tokens_per_step": B * T,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -131,8 +180,16 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first iterations)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the core count)")
     p.add_argument("--seed", type=int, default=1337, help="init and batch seed")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="nanogpt-cpu", help="model, context, batch and data")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast around the forward pass (nanoGPT on GPU)")
+    p.add_argument("--batch-size", type=int, help="sequences per iteration (default: the shape's)")
     args = p.parse_args()
-    print(json.dumps(run(args.iters, args.compile, args.threads, args.seed)))
+    result = run(
+        args.iters, args.compile, args.threads, args.seed,
+        shape=args.shape, device=args.device, bf16=args.bf16, batch_size=args.batch_size,
+    )  # fmt: skip
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

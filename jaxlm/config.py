@@ -20,6 +20,23 @@ def check_dtype(dtype, what: str = "dtype") -> str:
     return dtype
 
 
+# Attention kernels a command may ask for (`--attention`); `jaxlm.kernels.resolve` decides what "auto" means.
+ATTENTIONS = ("auto", "reference", "xla", "cudnn", "splash")
+FUSED_ATTENTIONS = ("xla", "cudnn", "splash")  # jax's and the fused kernels: none of them has attention dropout
+
+
+def check_attention(attention: str, dropout: float = 0.0) -> str:
+    """`attention` if a command may ask for it with this dropout, else a one-line error naming the fix."""
+    if attention not in ATTENTIONS:
+        raise JaxlmError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    if attention in FUSED_ATTENTIONS and dropout > 0:
+        raise JaxlmError(
+            f"--attention {attention} has no attention dropout but dropout is {dropout}; "
+            "use --attention auto (the reference form) or --dropout 0"
+        )
+    return attention
+
+
 def _field(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
@@ -192,6 +209,12 @@ class TrainConfig:
     # hardware
     mesh: str | None = _opt(None, "device mesh, e.g. data=2,fsdp=4 (none: all devices on data)")
     peak_flops: float | None = _opt(None, "peak FLOP/s per device for MFU (none: known per device kind)")
+    attention: str = _opt(
+        "auto",
+        "attention kernel: auto (by the mesh's platform: cuDNN on a GPU in bfloat16, splash on a TPU, jaxlm's "
+        "reference form on a CPU or with dropout) | reference | xla | cudnn | splash",
+        choices=ATTENTIONS,
+    )
     # multi-process jobs (not stored with the run: a resumed run may be placed differently)
     coordinator_address: str | None = _opt(
         None,
@@ -229,6 +252,7 @@ class TrainConfig:
         if not self.out_dir or not self.init_from:
             raise JaxlmError("--out-dir and --init-from must not be empty")
         self._check_lora()
+        check_attention(self.attention, self.dropout)
         self.model_config(self.vocab_size or 1)  # n_embd % n_head, dropout range, dtype: fail before any work
 
     def _check_lora(self):
@@ -292,7 +316,8 @@ MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadat
 DEFAULT_TRAIN_PRESET = "shakespeare-char"
 
 # Training presets: overrides of TrainConfig's defaults (which are "shakespeare-char"), a line each for the
-# model, the optimisation, then evaluation and output.
+# model, the optimisation, then evaluation and output. None sets scan_layers or remat: on a GPU or TPU those
+# follow the platform (jaxlm.train.setup.for_platform), on a CPU TrainConfig's defaults.
 # fmt: off
 TRAIN_PRESETS: dict[str, dict] = {
     # Default: char-level Tiny Shakespeare tuned to finish in minutes on a 2-core CPU.

@@ -68,7 +68,14 @@ COMMANDS = {
     "jaxlm.eval": lambda argv: _parser("eval").parse_intermixed_args(argv),
     "jaxlm.convert": lambda argv: _parser("convert").parse_args(argv),
     "jaxlm-convert": lambda argv: _parser("convert").parse_args(argv),  # the installed entry point
+    "jaxlm.aot": lambda argv: _aot_args(argv),  # its own flags, then train.py's, validated as train.py does
 }
+
+
+def _aot_args(argv: list[str]):
+    from jaxlm.aot.cli import parse_args
+
+    return parse_args(argv)
 
 
 # ---- finding them in the pages ---------------------------------------------------------------------------------

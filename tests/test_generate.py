@@ -1,5 +1,7 @@
 """jaxlm.generate: KV cache vs recompute, greedy vs transformers, samplers, seeds, bad input."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,23 +78,25 @@ def test_cache_logits_match_full_recompute_step_by_step():
     assert np.abs(ref_BxV).max() > 1e-2  # the comparison is not between two near-zero arrays
 
 
+@pytest.mark.parametrize("products", ["cpu_fused", "plain"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 2, 5, 40])
-def test_decode_linear_equals_a_float32_matmul_whichever_form_it_takes(dtype, rows):
-    # _linear picks a fused multiply-reduce, a padded or a plain matmul by dtype and row count (speed):
-    # every form must give x @ W.T + b with float32 products and sums.
+def test_decode_linear_equals_a_float32_matmul_whichever_form_it_takes(dtype, rows, products):
+    # On a CPU _linear picks a fused multiply-reduce, a padded or a plain matmul by dtype and row count (speed);
+    # elsewhere the plain matmul: every form must give x @ W.T + b with float32 products and sums.
     rng = np.random.default_rng(rows)
     x = jnp.asarray(rng.standard_normal((rows, 96)), dtype)
     w, b = jnp.asarray(rng.standard_normal((80, 96)), dtype), jnp.asarray(rng.standard_normal(80), dtype)
     ref = np.asarray(x, np.float32) @ np.asarray(w, np.float32).T
-    y = jax.jit(decode._linear, static_argnames="out_dtype")(x, w, out_dtype=jnp.float32)
+    linear = partial(decode._linear, products=products)
+    y = jax.jit(linear, static_argnames="out_dtype")(x, w, out_dtype=jnp.float32)
     assert y.shape == (rows, 80) and y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4)
-    y_b = decode._linear(x, w, b)
+    y_b = linear(x, w, b)
     assert y_b.dtype == jnp.dtype(dtype)
     np.testing.assert_allclose(np.asarray(y_b, np.float32), ref + np.asarray(b, np.float32), rtol=2e-2, atol=5e-2)
-    if dtype == "bfloat16" and rows == 1:  # XLA:CPU's one-row bf16 matmul is slow: it runs as two rows
-        assert "tensor<2x96xbf16>" in jax.jit(decode._linear).lower(x, w).as_text()
+    if dtype == "bfloat16" and rows == 1:  # XLA:CPU's one-row bf16 matmul is slow: on a CPU it runs as two rows
+        assert ("tensor<2x96xbf16>" in jax.jit(linear).lower(x, w).as_text()) == (products == "cpu_fused")
 
 
 def test_greedy_matches_transformers_batch_of_lengths_and_eos_prompt(big):

@@ -140,14 +140,16 @@ def test_bad_config_is_a_clear_error(fields, message):
 
 @pytest.mark.parametrize("T", [256, 300, 517])
 def test_blocked_causal_attention_matches_one_product(T):
+    from jaxlm import kernels
+    from jaxlm.cpu.attention import blocked_pays
     from jaxlm.model import attention
 
-    assert attention._blocked_pays(T, T)  # the path long causal sequences take on the CPU
+    assert blocked_pays(T, T)  # the path long causal sequences take in a CPU program
     q, k, v, g = (jax.random.normal(key, (2, 3, T, 16)) for key in jax.random.split(jax.random.key(T), 4))
     mask = jnp.tril(jnp.ones((T, T), bool))[None]  # an explicit mask keeps the one-product form
 
     def blocked(q, k, v):
-        return attention.attend(q, k, v)
+        return attention.attend(q, k, v, kernels=kernels.resolve("cpu"))
 
     def one(q, k, v):
         return attention.attend(q, k, v, mask)

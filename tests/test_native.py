@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 import jaxlm
+from jaxlm import kernels
 from jaxlm.cpu import native
+from jaxlm.cpu.products import NATIVE_ROWS
 from jaxlm.generation import decode
 
 STATE = native.probe()
-PREFILL = jax.jit(decode.prefill, static_argnames="c")
-STEP = jax.jit(decode.step, static_argnames="c")
+PREFILL = jax.jit(decode.prefill, static_argnames=("c", "kernels"))
+STEP = jax.jit(decode.step, static_argnames=("c", "kernels"))
 DTYPES = ["float32", "bfloat16"]
 
 
@@ -54,7 +56,7 @@ def test_kernel_equals_a_float32_matmul_of_the_same_numbers(dtype, rows, O, D):
 
 
 @each_dtype()
-@pytest.mark.parametrize("rows", [4, decode.NATIVE_ROWS + 1])
+@pytest.mark.parametrize("rows", [4, NATIVE_ROWS + 1])
 def test_decode_linear_takes_the_kernel_for_few_rows_and_xla_for_many(dtype, rows):
     rng = np.random.default_rng(rows)
     x, w, b = _rand(rng, dtype, rows, 64), _rand(rng, dtype, 48, 64), _rand(rng, dtype, 48)
@@ -64,7 +66,7 @@ def test_decode_linear_takes_the_kernel_for_few_rows_and_xla_for_many(dtype, row
     ref = np.asarray(x, np.float32) @ np.asarray(w, np.float32).T + np.asarray(b, np.float32)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4)
     uses_kernel = native.KERNELS[dtype][0] in jax.jit(decode._linear).lower(x, wp, b).as_text()
-    assert uses_kernel == (rows <= decode.NATIVE_ROWS)
+    assert uses_kernel == (rows <= NATIVE_ROWS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -79,15 +81,16 @@ def test_packed_rows_are_the_embedding_rows(dtype):
 def _step_logits(c, params, dtype):
     """Logits of a prefill of 5 tokens then 3 steps through jaxlm.generation.decode in `dtype`, [4, B, V]."""
     c16 = c.replace(dtype=dtype, param_dtype=dtype)
-    dp = decode.prepare(params, c16)
+    cpu = kernels.resolve("cpu", dtype=dtype, decode=True)  # native where it can run, else the CPU's XLA forms
+    dp = decode.prepare(params, c16, cpu)
     tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]], np.int32)
     P, S = 5, 8
     pos = np.broadcast_to(np.arange(8, dtype=np.int32), tokens.shape)
-    logits, kv = PREFILL(dp, tokens[:, :P], pos[:, :P], np.ones((2, P), bool), c=c16)
+    logits, kv = PREFILL(dp, tokens[:, :P], pos[:, :P], np.ones((2, P), bool), c=c16, kernels=cpu)
     cache = [tuple(jnp.zeros((2, c.n_head, S, c.head_dim), k.dtype).at[:, :, :P].set(k) for k in layer) for layer in kv]
     out = [logits]
     for t in range(P, 8):
-        logits, cache = STEP(dp, tokens[:, t], pos[:, t], cache, t, np.ones((2, S), bool), c=c16)
+        logits, cache = STEP(dp, tokens[:, t], pos[:, t], cache, t, np.ones((2, S), bool), c=c16, kernels=cpu)
         out.append(logits)
     return dp, np.stack([np.asarray(x, np.float32) for x in out])
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 def keep_freed_memory():
     """One arena, no mmap, no trimming: freed memory stays reusable (Linux glibc; a no-op elsewhere).
 
-    Call before JAX starts its threads (harmless on GPU/TPU hosts)."""
+    For CPU programs only (one arena also serialises the host threads of TensorStore, the tokenizer and an
+    accelerator's runtime): the commands call it before JAX starts, when the platform they will use is the CPU
+    (`jaxlm.kernels.expected_platform`)."""
     try:
         import ctypes
 

@@ -6,6 +6,10 @@ rows. Each chunk's [C, N] logits stay in cache between the product and the reduc
 [V, N] round trip through memory, and no reduction runs along a vocabulary-long row (XLA:CPU's slow
 down per element from a few hundred such rows per call). `python bench/eval_head.py` times the forms
 (docs/design.md). Few rows stream the weights once either way and stay in one piece.
+
+A CPU scoring batch also holds at most CPU_BATCH_TOKENS padded tokens (`jaxlm.eval.loglik.Scorer`): with
+GPT-2 124M at 1024 tokens, 2 windows per batch score faster per token than 8, their activations staying in
+cache (docs/design.md; bench/bench_eval.py --batch-tokens). `jaxlm.kernels` picks both for CPU programs.
 """
 
 from __future__ import annotations
@@ -16,11 +20,8 @@ import jax.numpy as jnp
 CPU_VOCAB_CHUNK = 1024
 CPU_HEAD_ROWS = 512
 CPU_ONE_PIECE_ROWS = 64
+CPU_BATCH_TOKENS = 2048
 _NEG = float(jnp.finfo(jnp.float32).min)
-
-
-def head_rows_for_backend() -> int | None:
-    return CPU_HEAD_ROWS if jax.default_backend() == "cpu" else None
 
 
 def _chunk_stats(logits_CxN, offset):

@@ -1,10 +1,11 @@
-"""The CPU decode kernels (`kernels/decode_linear.cc`): built on first use, then called from jit.
+"""The CPU decode kernels (`decode_linear.cc`): built on first use, then called from jit.
 
-`jaxlm.generation.decode` uses them for a step's few rows on an x86-64 CPU with AVX-512 (float32) and AVX-512 BF16
-(bfloat16), where XLA's own few-row products run below memory bandwidth. They are compiled with the
-system's C++ compiler ($CXX, else c++ or g++) against the XLA FFI headers jax ships, once per source and
-jax version, into the cache ($JAXLM_CACHE/native). Where they cannot be had (another CPU, no compiler,
-JAXLM_NATIVE=0) decoding takes XLA's forms as before; `unavailable(dtype)` says why.
+`jaxlm.generation.decode` uses them for a step's few rows when the program's `jaxlm.kernels` record says
+"native": a CPU program on an x86-64 CPU with AVX-512 (float32) or AVX-512 BF16 (bfloat16), where XLA's own
+few-row products run below memory bandwidth. They are compiled with the system's C++ compiler ($CXX, else
+c++ or g++) against the XLA FFI headers jax ships, once per source and jax version, into the cache
+($JAXLM_CACHE/native). Where they cannot be had (another CPU, no compiler, JAXLM_NATIVE=0) decoding takes
+XLA's forms as before; `unavailable(dtype)` says why.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def unavailable(dtype) -> str | None:
 
 
 def usable(dtype) -> bool:
-    """Whether decode in `dtype` on this backend takes the kernel."""
-    return jax.default_backend() == "cpu" and unavailable(dtype) is None
+    """Whether this CPU runs the `dtype` kernel (`jaxlm.kernels` decides whether a program takes it)."""
+    return unavailable(dtype) is None
 
 
 def _per(dtype) -> int:

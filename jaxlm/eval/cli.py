@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import DTYPES
+from ..config import ATTENTIONS, DTYPES
 from ..cpu.allocator import keep_freed_memory
 from ..errors import JaxlmError
 from ..io import load as loader
+from ..kernels import expected_platform, resolve
 from ..lora import peft as peft_io
 from ..tokenizer import from_spec
 from ..utils.publish import write_file
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (logits and softmax stay float32)")
     p.add_argument(
+        "--attention",
+        default="auto",
+        choices=ATTENTIONS,
+        help="attention kernel: auto picks by platform and dtype (cuDNN on a GPU in bfloat16, splash on a TPU, "
+        "jaxlm's reference form with the CPU's query blocks on a CPU)",
+    )
+    p.add_argument(
         "--max-new-tokens",
         type=int,
         default=None,
@@ -82,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--return-freed-memory",
         action="store_true",
         help="leave glibc's malloc at its default of returning big freed blocks to the OS: a lower peak RSS, "
-        "slower on a CPU (by default the eval keeps them, as train.py does for small models)",
+        "slower on a CPU (by default a CPU eval keeps them, as train.py does for small models; GPU and TPU "
+        "hosts always use the default)",
     )
     return p
 
@@ -107,8 +116,10 @@ def main(argv=None) -> int:
             locate(task.data, file, args.data_dir)
         require_metric(task.name)  # before the weights are read
     explicit = "all" not in [s.strip() for s in args.task.split(",")]
-    if not args.return_freed_memory:
-        keep_freed_memory()  # before the weights load: XLA:CPU's per-call buffers then stop page-faulting
+    if not args.return_freed_memory and expected_platform() == "cpu":
+        keep_freed_memory()  # before JAX starts: XLA:CPU's per-call buffers then stop page-faulting
+    kernels = resolve(None, dtype=args.dtype, attention=args.attention)  # an impossible --attention: before loading
+    print(f"kernels: {kernels.describe('attention', 'eval_head')}", file=sys.stderr)
 
     if args.adapter:
         peft_io.check_adapter(args.adapter)  # a bad adapter fails before the base is loaded
@@ -123,8 +134,9 @@ def main(argv=None) -> int:
         )
 
     options = Options(
-        args.batch_size, args.max_examples, args.stride, args.data_dir, not args.no_progress, args.max_new_tokens
-    )
+        args.batch_size, args.max_examples, args.stride, args.data_dir, not args.no_progress, args.max_new_tokens,
+        args.attention,
+    )  # fmt: skip
     results, predictions = {}, {}
     for task, file in kept:
         t0 = time.perf_counter()

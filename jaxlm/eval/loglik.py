@@ -8,9 +8,9 @@ this one shape, so one jitted function serves every task.
 Why it is fast on a CPU: requests are sorted by length and batched, the batch padded to a few length
 buckets (powers of two up to the block size), so a whole task compiles a handful of shapes; and the LM
 head (a third of GPT-2 124M's FLOPs at T=1024) runs only on the scored positions, gathered from the
-final hidden states (`GPT.hidden_states`), not on all T. On a CPU a
-batch also holds at most CPU_BATCH_TOKENS tokens (two 1024-token windows): batches whose activations stay
-in cache score faster there than wide ones.
+final hidden states (`GPT.hidden_states`), not on all T. The program's `jaxlm.kernels` record (resolved
+from where the params live) picks the attention, the head's form and, on a CPU, a cap of CPU_BATCH_TOKENS
+tokens per batch (two 1024-token windows): batches whose activations stay in cache score faster there.
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import GPTConfig
-from ..cpu.eval_head import head_rows_for_backend, score_targets
+from ..cpu.eval_head import (
+    CPU_BATCH_TOKENS,  # noqa: F401  (re-exported: jaxlm.eval.loglik.CPU_BATCH_TOKENS)
+    CPU_HEAD_ROWS,
+    score_targets,
+)
+from ..kernels import Kernels, placed_on, resolve
 from ..model.gpt import GPT
 
 
@@ -88,11 +93,6 @@ def rolling_requests(token_ids, prefix_id: int, block_size: int) -> list[Request
     return out
 
 
-# With GPT-2 124M at 1024 tokens, 2 windows per batch score faster per token than 8 on a CPU: their
-# activations stay in cache (docs/design.md; bench/bench_eval.py --batch-tokens).
-CPU_BATCH_TOKENS = 2048
-
-
 def _buckets(limit: int, smallest: int = 16) -> list[int]:
     sizes, b = [], smallest
     while b < limit:
@@ -109,18 +109,29 @@ class Scorer:
     """Owns the jitted scoring function for one model; `compiles` counts the shapes it compiled.
 
     A batch holds up to `batch_size` sequences and, if `batch_tokens` is set, up to that many padded
-    tokens (at least one sequence); None picks CPU_BATCH_TOKENS on a CPU and no token limit elsewhere.
+    tokens (at least one sequence); None picks the record's: CPU_BATCH_TOKENS on a CPU, no limit elsewhere.
+    `attention`: auto | reference | xla | cudnn | splash (`jaxlm.kernels.resolve`); `kernels`: a resolved
+    record instead (e.g. one for another platform).
     """
 
-    def __init__(self, params, config: GPTConfig, batch_size: int = 8, batch_tokens: int | None = None):
+    def __init__(
+        self,
+        params,
+        config: GPTConfig,
+        batch_size: int = 8,
+        batch_tokens: int | None = None,
+        attention: str = "auto",
+        kernels: Kernels | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if batch_tokens is not None and batch_tokens < 0:
             raise ValueError(f"batch_tokens must be >= 0 (0: no limit), got {batch_tokens}")
-        if batch_tokens is None and jax.default_backend() == "cpu":
-            batch_tokens = CPU_BATCH_TOKENS
+        self.kernels = kernels or resolve(placed_on(params), dtype=config.dtype, attention=attention)
+        if batch_tokens is None:
+            batch_tokens = self.kernels.eval_batch_tokens
         self.params, self.config, self.batch_size, self.batch_tokens = params, config, batch_size, batch_tokens
-        self.head_rows = head_rows_for_backend()
+        self.head_rows = CPU_HEAD_ROWS if self.kernels.eval_head == "cpu_chunked" else None
         self.t_buckets = _buckets(config.block_size)
         self.shapes: set[tuple[int, int, int]] = set()
         self._fn = jax.jit(self._score)
@@ -132,7 +143,7 @@ class Scorer:
     def _score(self, params, inputs_BxT, index_BxH, targets_BxH):
         c = self.config
         # The final LayerNorm's output only: the LM head runs on the scored positions below, not on all T.
-        hidden_BxTxD = GPT(c).apply({"params": params}, inputs_BxT, method=GPT.hidden_states)
+        hidden_BxTxD = GPT(c, kernels=self.kernels).apply({"params": params}, inputs_BxT, method=GPT.hidden_states)
         hidden_BxHxD = jnp.take_along_axis(hidden_BxTxD, index_BxH[..., None], axis=1)
         wte_VxD = params["wte"]["embedding"].astype(c.dtype)
         B, H = targets_BxH.shape

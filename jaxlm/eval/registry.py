@@ -16,6 +16,7 @@ from .common import is_bpe
 from .files import HELLASWAG, LAMBADA, WIKITEXT2
 from .hellaswag import hellaswag
 from .lambada import lambada
+from .loglik import Scorer
 from .perplexity import wikitext2
 from .tasks import run_task
 
@@ -28,6 +29,7 @@ class Options:
     data_dir: str | None = None
     progress: bool = False
     max_new_tokens: int | None = None  # generation tasks: None = the task's own (summarize 64, ...)
+    attention: str = "auto"  # the attention kernel (jaxlm.kernels.resolve)
 
 
 @dataclass(frozen=True)
@@ -82,16 +84,17 @@ def runnable(chosen, tokenizer, explicit: bool) -> list:
     return [(t, f) for t, f in chosen if not t.bpe_only]
 
 
-def _common(o: Options, file) -> dict:
+def _common(o: Options, file, params, config) -> dict:
     return dict(
-        batch_size=o.batch_size, max_examples=o.max_examples, path=file, data_dir=o.data_dir, progress=o.progress
-    )
+        max_examples=o.max_examples, path=file, data_dir=o.data_dir, progress=o.progress,
+        scorer=Scorer(params, config, batch_size=o.batch_size, attention=o.attention),
+    )  # fmt: skip
 
 
 register(
     Task(
         "wikitext2",
-        lambda p, c, tok, file, o: wikitext2(p, c, tok, stride=o.stride, **_common(o, file)),
+        lambda p, c, tok, file, o: wikitext2(p, c, tok, stride=o.stride, **_common(o, file, p, c)),
         "WikiText-2 test: HF-guide token perplexity at --stride; lm-eval word/byte perplexity, bits per byte",
         bpe_only=False,
         data=WIKITEXT2,
@@ -101,7 +104,7 @@ register(
 register(
     Task(
         "lambada",
-        lambda p, c, tok, file, o: lambada(p, c, tok, **_common(o, file)),
+        lambda p, c, tok, file, o: lambada(p, c, tok, **_common(o, file, p, c)),
         "LAMBADA (OpenAI's test set) as lm-eval's lambada_openai: acc, perplexity",
         data=LAMBADA,
         headline=("acc", "perplexity"),
@@ -110,7 +113,7 @@ register(
 register(
     Task(
         "hellaswag",
-        lambda p, c, tok, file, o: hellaswag(p, c, tok, **_common(o, file)),
+        lambda p, c, tok, file, o: hellaswag(p, c, tok, **_common(o, file, p, c)),
         "HellaSwag val (text form): acc, acc_norm (per character), acc_norm_tokens (per token)",
         data=HELLASWAG,
         headline=("acc", "acc_norm", "acc_norm_tokens"),
@@ -133,6 +136,7 @@ def _generation(name: str):
             batch_size=o.batch_size,
             progress=o.progress,
             max_new_tokens=o.max_new_tokens,
+            attention=o.attention,
         )
         return {**r["metrics"], "examples": r["examples"], "truncated_prompts": r["truncated_prompts"],
                 "max_new_tokens": r["max_new_tokens"], "predictions": r["predictions"]}  # fmt: skip

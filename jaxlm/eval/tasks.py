@@ -79,8 +79,10 @@ def run_task(
     *,
     max_new_tokens: int | None = None,
     mesh=None,
+    attention: str = "auto",
 ) -> dict:
-    """Score `params` on task `name` over the rows of the JSONL `file` (the first `max_examples` of them)."""
+    """Score `params` on task `name` over the rows of the JSONL `file` (the first `max_examples` of them);
+    `attention`: the prompts' attention kernel (`jaxlm.generation.Generator`)."""
     if name not in GENERATION_TASKS:
         raise JaxlmError(f"unknown task {name!r}; use one of {', '.join(GENERATION_TASKS)}")
     if max_examples is not None and max_examples < 1:
@@ -99,6 +101,7 @@ def run_task(
         batch_size=batch_size,
         mesh=mesh,
         progress=progress,
+        attention=attention,
     )
 
 
@@ -113,6 +116,7 @@ def run(
     batch_size: int = 8,
     mesh=None,
     progress: bool = False,
+    attention: str = "auto",
 ) -> dict:
     """{"task", "examples", "truncated_prompts", "metrics", "predictions"}; predictions are one dict a row
     ({"prediction", and the reference field}) in the rows' order, for the caller to write as JSONL."""
@@ -135,7 +139,7 @@ def run(
         prompts.append(ids[-room:])
     refs = [row[task.reference] for row in rows]
 
-    gen = Generator(params, config, mesh=mesh)
+    gen = Generator(params, config, mesh=mesh, attention=attention)
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     texts = [""] * len(rows)
     with tqdm(total=len(rows), desc=task.name, unit="ex", disable=not progress) as bar:

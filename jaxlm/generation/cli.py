@@ -10,9 +10,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ..config import DTYPES
+from ..config import ATTENTIONS, DTYPES
 from ..errors import JaxlmError
 from ..io import load as loader
+from ..kernels import resolve
 from ..lora import peft as peft_io
 from ..parallel import sharding
 from ..tokenizer import from_spec
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this size twice (0: off)")
     flag("--dtype", default="float32", choices=DTYPES, help="weights and KV cache while decoding")
     flag(
+        "--attention",
+        default="auto",
+        choices=ATTENTIONS,
+        help="the prompt's attention kernel: auto picks by platform and dtype (cuDNN on a GPU in bfloat16, splash "
+        "on a TPU, jaxlm's reference form on a CPU); each new token always attends in the reference form",
+    )
+    flag(
         "--mesh",
         default=None,
         help="sample sharded over a device mesh, e.g. tensor=2 or data=2,fsdp=2,tensor=2 (the first devices "
@@ -107,6 +115,7 @@ def main(argv=None) -> int:
     text = _read_start(args.start)
 
     source = _source(args.init_from, args.out_dir)
+    resolve(None, dtype=args.dtype, attention=args.attention)  # an impossible --attention fails before loading
     if args.adapter:
         peft_io.check_adapter(args.adapter)  # a bad adapter fails before the base is loaded
     mesh, shardings, load_from = None, None, source
@@ -129,7 +138,10 @@ def main(argv=None) -> int:
         raise JaxlmError(f"the prompt ({len(ids)} tokens) {what} the model's block_size ({config.block_size})")
     max_new = args.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, config.block_size - len(ids))
 
-    generator = Generator(params, config, mesh=mesh, dtype=args.dtype)
+    generator = Generator(params, config, mesh=mesh, dtype=args.dtype, attention=args.attention)
+    k = generator.kernels
+    shown = [f"prompt attention: {k.attention_for('prefill')}", k.describe("decode_products")]
+    print(f"kernels: {'; '.join(x for x in shown if x)}", file=sys.stderr, flush=True)
     del params  # the generator holds its own decode-layout copy (with a mesh: these same sharded arrays)
     beams = args.num_beams > 1
     prompts = [ids] if beams else [ids] * args.num_samples

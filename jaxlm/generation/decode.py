@@ -5,10 +5,12 @@ bound by memory bandwidth, and the training-shaped model wastes it. Its `nn.scan
 out of the stacked weights (a copy per layer per token), its stacked cache is re-stacked every step,
 and XLA's matmul with a few rows against an [in, out] kernel runs several times below bandwidth.
 Here `prepare` unstacks the layers and stores kernels as [out, in] once; each layer's cache is its
-own [B, H, S, K] buffer, updated in place; in float32 a step of 2-32 rows multiplies and reduces in one
-fused loop. On an x86-64 CPU with AVX-512 (float32; bfloat16 also needs AVX-512 BF16) the kernels are
-packed instead for `jaxlm.cpu.native`'s kernels, which a step's products then take (see `_products`). The
-math is GPT-2's, and tests/test_generate.py holds it to `GPT.apply` (cache vs recompute).
+own [B, H, S, K] buffer, updated in place. A step's products are the program's `jaxlm.kernels` record's
+"decode_products": on a CPU its few-row forms (`jaxlm.cpu.products`: jaxlm's native kernels over packed
+weights where the CPU has AVX-512, else a fused multiply-reduce for float32), on a GPU or TPU plain products
+at the platform's default precision, so a row's logits do not depend on its batch. The prefill's attention is
+the record's too; a step's is always the reference form. The math is GPT-2's, and tests/test_generate.py
+holds it to `GPT.apply` (cache vs recompute).
 """
 
 from __future__ import annotations
@@ -21,25 +23,26 @@ import numpy as np
 
 from ..config import GPTConfig
 from ..cpu import native
+from ..cpu.products import products as cpu_products
+from ..kernels import PORTABLE, Kernels
 from ..model import layers
 from ..model.attention import attend
 from ..model.gpt import layer_norm
 
-FUSED_ROWS = 32  # float32: up to this many rows, x @ W.T as a fused multiply-reduce (faster on CPU); beyond, a matmul
-NATIVE_ROWS = 64  # packed weights: up to this many rows the native kernel; beyond (a long prefill), XLA's matmul
 
-
-def prepare(params, c: GPTConfig) -> dict:
+def prepare(params, c: GPTConfig, kernels: Kernels = PORTABLE) -> dict:
     """Decode-layout weights in the compute dtype: the model's own tree with its layers unstacked (a list of
     per-layer trees, named as the params are), each Dense kernel [in, *out] stored as [out, in] and each bias
     flat (one copy). The head reads wte as it is ([V, D] is already [out, in]).
 
     Done in numpy (zero-copy views of CPU arrays): as one XLA program, its ~100 slices and
-    transposes compiled slowly for the 124M model (docs/design.md). Where `native.usable`, the kernels and
-    wte are stored packed (`native.pack`, rank 3 or 4); `_linear` and `_embed` tell by their rank.
+    transposes compiled slowly for the 124M model (docs/design.md). Where `kernels` says "native", the kernels
+    and wte are stored packed (`native.pack`, rank 3 or 4); `_linear` and `_embed` tell by their rank.
     """
+    if kernels.decode_products is None:
+        raise ValueError("these kernels were resolved without decode=True: jaxlm.kernels.resolve(..., decode=True)")
     dtype = jnp.dtype(c.dtype)
-    packed = native.usable(dtype)
+    packed = kernels.decode_products == "native"
 
     def put(x):
         return jax.device_put(np.ascontiguousarray(x, dtype=dtype))
@@ -65,58 +68,48 @@ def prepare(params, c: GPTConfig) -> dict:
     }
 
 
-def _linear(x_xD, w_OxD, b_O=None, out_dtype=None, n_out=None):
-    """x @ w.T (+ b) over the last axis, accumulated in float32. A packed w (`native.pack`) has `n_out`
-    (else the bias's length) outputs."""
+def _linear(x_xD, w_OxD, b_O=None, out_dtype=None, n_out=None, products: str = "plain"):
+    """x @ w.T (+ b) over the last axis, accumulated in float32, in the form `products` names (a kernels
+    record's decode_products). A packed w (`native.pack`) has `n_out` (else the bias's length) outputs."""
     x_NxD = x_xD.reshape(-1, x_xD.shape[-1])
-    y_NxO = _products(x_NxD, w_OxD, n_out or (None if b_O is None else b_O.shape[0]))
+    y_NxO = _products(x_NxD, w_OxD, n_out or (None if b_O is None else b_O.shape[0]), products)
     y_xO = y_NxO.astype(out_dtype or x_xD.dtype).reshape(*x_xD.shape[:-1], -1)
     return y_xO if b_O is None else y_xO + b_O
 
 
-def _products(x_NxD, w_OxD, n_out):
-    (n, D), f32 = x_NxD.shape, w_OxD.dtype == jnp.float32
-    if w_OxD.ndim > 2:
-        if n <= NATIVE_ROWS:
-            return native.linear(x_NxD, w_OxD, n_out)
-        w_OxD = native.unpack(w_OxD, n_out, D)  # many rows: XLA's matmul is faster (bench/decode_linear.py)
-    if f32 and 1 < n <= FUSED_ROWS:
-        # Must be 2-D: XLA's fused loop over a [N, 1, O, D] product runs far slower (docs/design.md).
-        return jnp.sum(w_OxD * x_NxD[:, None, :], axis=-1, dtype=jnp.float32)
-    # bfloat16 without the native kernel lands here: its fused form is the slower one, and XLA:CPU's
-    # one-row bf16 matmul runs much slower than two rows, so one row is padded to two (docs/design.md,
-    # bench/decode_linear.py).
-    if not f32 and n == 1 and jax.default_backend() == "cpu":
-        x_NxD = jnp.concatenate([x_NxD, x_NxD])
-    return jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)[:n]
+def _products(x_NxD, w_OxD, n_out, products: str):
+    if products == "plain" and w_OxD.ndim == 2:  # a GPU's or TPU's matmul, the same for any number of rows
+        return jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)
+    return cpu_products(x_NxD, w_OxD, n_out)  # native (packed weights), the fused multiply-reduce, bf16's pad
 
 
 def _ln(c: GPTConfig, p, x):
     return layer_norm(c, "ln").apply({"params": p}, x)
 
 
-def _dense(p):
+def _dense(p, products: str = "plain"):
     """x -> x @ W + b over a decode-layout Dense's {"kernel" [out, in], "bias" [out]}."""
-    return lambda x: _linear(x, p["kernel"], p["bias"])
+    return lambda x: _linear(x, p["kernel"], p["bias"], products=products)
 
 
-def _block(c: GPTConfig, p, x_BxTxD, attend_fn, write_kv):
+def _block(c: GPTConfig, p, x_BxTxD, attend_fn, write_kv, products: str = "plain"):
     """One layer of `jaxlm.model.layers` over decode-layout weights: (x, its cache entry)."""
     attn, mlp = p["attn"], p["mlp"]
     return layers.block(
         x_BxTxD,
         ln_1=lambda x: _ln(c, p["ln_1"], x),
         attn=lambda x: layers.self_attention(
-            x, n_head=c.n_head, c_attn=_dense(attn["c_attn"]), c_proj=_dense(attn["c_proj"]), attend=attend_fn,
-            write_kv=write_kv,
+            x, n_head=c.n_head, c_attn=_dense(attn["c_attn"], products), c_proj=_dense(attn["c_proj"], products),
+            attend=attend_fn, write_kv=write_kv,
         ),
         ln_2=lambda x: _ln(c, p["ln_2"], x),
-        mlp=lambda x: layers.mlp(x, c_fc=_dense(mlp["c_fc"]), c_proj=_dense(mlp["c_proj"])),
+        mlp=lambda x: layers.mlp(x, c_fc=_dense(mlp["c_fc"], products), c_proj=_dense(mlp["c_proj"], products)),
     )  # fmt: skip
 
 
-def _head(c: GPTConfig, dp, x_BxD):
-    return _linear(_ln(c, dp["ln_f"], x_BxD), dp["wte"], out_dtype=jnp.float32, n_out=c.vocab_size)
+def _head(c: GPTConfig, dp, x_BxD, products: str = "plain"):
+    x_BxD = _ln(c, dp["ln_f"], x_BxD)
+    return _linear(x_BxD, dp["wte"], out_dtype=jnp.float32, n_out=c.vocab_size, products=products)
 
 
 def _embed(c: GPTConfig, dp, tokens, positions):
@@ -125,22 +118,21 @@ def _embed(c: GPTConfig, dp, tokens, positions):
     return (tok + dp["wpe"][positions]).astype(c.dtype)
 
 
-def prefill(dp, tokens_BxT, positions_BxT, valid_BxT, *, c: GPTConfig):
+def prefill(dp, tokens_BxT, positions_BxT, valid_BxT, *, c: GPTConfig, kernels: Kernels = PORTABLE):
     """Run left-padded prompts; returns (logits of the last position [B, V], per-layer (k, v) [B, H, T, K]).
 
-    `valid_BxT` is False at padding, which no real token attends to.
+    `valid_BxT` is False at padding, which no real token attends to. `kernels`: the record `prepare` had.
     """
-    T = tokens_BxT.shape[1]
     x_BxTxD = _embed(c, dp, tokens_BxT, positions_BxT)
-    mask_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & valid_BxT[:, None, :]
+    attend_fn = partial(attend, valid_BxS=valid_BxT, kernels=kernels)
     kv = []
     for p in dp["layers"]:
-        x_BxTxD, layer_kv = _block(c, p, x_BxTxD, partial(attend, mask_BxTxS=mask_BxTxT), lambda k, v: (k, v, (k, v)))
+        x_BxTxD, layer_kv = _block(c, p, x_BxTxD, attend_fn, lambda k, v: (k, v, (k, v)), kernels.decode_products)
         kv.append(layer_kv)
-    return _head(c, dp, x_BxTxD[:, -1]), kv
+    return _head(c, dp, x_BxTxD[:, -1], kernels.decode_products), kv
 
 
-def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig):
+def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig, kernels: Kernels = PORTABLE):
     """One new token per row, written at cache `slot`; returns (logits [B, V], cache).
 
     `cache` is a list of per-layer (k, v), each [B, H, S, K]; a row attends to the slots up to
@@ -159,8 +151,9 @@ def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig):
 
         return write
 
+    attend_fn = partial(attend, mask_BxTxS=mask_Bx1xS, kernels=kernels)
     new_cache = []
     for p, layer_kv in zip(dp["layers"], cache, strict=True):
-        x_Bx1xD, layer_kv = _block(c, p, x_Bx1xD, partial(attend, mask_BxTxS=mask_Bx1xS), write_at_slot(*layer_kv))
+        x_Bx1xD, layer_kv = _block(c, p, x_Bx1xD, attend_fn, write_at_slot(*layer_kv), kernels.decode_products)
         new_cache.append(layer_kv)
-    return _head(c, dp, x_Bx1xD[:, 0]), new_cache
+    return _head(c, dp, x_Bx1xD[:, 0], kernels.decode_products), new_cache

@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 
 from ..config import GPTConfig, check_dtype
 from ..errors import JaxlmError
+from ..kernels import Kernels, placed_on, resolve
 from ..parallel.sharding import param_shardings
 from ..tokenizer import GPT2_EOT_ID
 from . import decode
@@ -70,13 +71,22 @@ class GenerateStats:
         return self.new_tokens / self.decode_s if self.decode_s else 0.0
 
 
-def generate(params, config: GPTConfig, prompts: Sequence[Sequence[int]], *, mesh: Mesh | None = None, **options):
+def generate(
+    params,
+    config: GPTConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    mesh: Mesh | None = None,
+    attention: str = "auto",
+    **options,
+):
     """New token ids for each prompt (a list of token-id lists, lengths may differ); see `Generator.__call__`.
 
     To call repeatedly with the same weights, use `Generator`, which keeps them in decode layout.
-    `mesh` (from `jaxlm.parallel.sharding.make_mesh`): generate sharded over it (see `Generator`).
+    `mesh` (from `jaxlm.parallel.sharding.make_mesh`): generate sharded over it; `attention`: the prompt's
+    attention kernel (see `Generator`).
     """
-    return Generator(params, config, mesh=mesh)(prompts, **options)
+    return Generator(params, config, mesh=mesh, attention=attention)(prompts, **options)
 
 
 class Generator:
@@ -88,9 +98,21 @@ class Generator:
     `mesh` keep their sharding, others are placed by `jaxlm.parallel.sharding.param_shardings` (device to
     device; never gathered), and prefill and decode run `GPT.apply` traced under the mesh, the KV
     cache split like the activations (batch over data/fsdp as far as the batch divides, heads over tensor).
+
+    `attention`: the prefill's attention, auto | reference | xla | cudnn | splash (decode steps always take the
+    reference form); `kernels`: a resolved `jaxlm.kernels` record instead (e.g. one for another platform).
+    Either way `kernels` holds the record in use: it also picks a step's products.
     """
 
-    def __init__(self, params, config: GPTConfig, mesh: Mesh | None = None, dtype: str | None = None):
+    def __init__(
+        self,
+        params,
+        config: GPTConfig,
+        mesh: Mesh | None = None,
+        dtype: str | None = None,
+        attention: str = "auto",
+        kernels: Kernels | None = None,
+    ):
         if dtype is not None:
             check_dtype(dtype)
             config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
@@ -98,8 +120,11 @@ class Generator:
                 params = jax.tree.map(lambda x: x.astype(dtype), params)
         self.config = config
         self.mesh = mesh
+        where = mesh if mesh is not None else placed_on(params)
+        # decode products are the one-device layout's (with a mesh, GPT.decode's Dense layers run)
+        self.kernels = kernels or resolve(where, dtype=config.dtype, attention=attention, decode=mesh is None)
         if mesh is None:
-            dparams = decode.prepare(params, config)  # on the default device
+            dparams = decode.prepare(params, config, self.kernels)  # on the default device
             # Committed there: every call computes on that device, whatever the default device is by then.
             self.dparams = jax.device_put(dparams, next(iter(jax.tree.leaves(dparams)[0].devices())))
         else:
@@ -176,7 +201,7 @@ class Generator:
 
         F = B * o.num_beams if o.mode == "beam" else B
         stats = GenerateStats(batch=F, prompt_bucket=P, cache_slots=P + N)
-        path = OneDevice(c) if self.mesh is None else Sharded.for_batch(c, self.mesh, B)
+        path = OneDevice(c, self.kernels) if self.mesh is None else Sharded.for_batch(c, self.mesh, B, self.kernels)
         prompt_args = (self._weights, *path.rows(hist_BxS[:, :P], positions_BxP, valid_BxP))
         with path.tracing():
             pre = _compiled(("prefill", path, B, P, self._weights_key), jax.jit(path.prefill), prompt_args, stats)

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..config import GPTConfig
+from ..kernels import PORTABLE, Kernels
 from ..model.gpt import GPT, init_cache
 from ..parallel import sharding
 from . import decode
@@ -27,6 +28,7 @@ class OneDevice:
     """`jaxlm.generation.decode`'s layout on one device: per-layer (k, v) caches [B, H, S, K]."""
 
     c: GPTConfig
+    kernels: Kernels = PORTABLE
 
     def tracing(self):
         return contextlib.nullcontext()
@@ -41,7 +43,7 @@ class OneDevice:
         return arrays
 
     def prefill(self, dp, tokens_BxP, positions_BxP, valid_BxP):
-        return decode.prefill(dp, tokens_BxP, positions_BxP, valid_BxP, c=self.c)
+        return decode.prefill(dp, tokens_BxP, positions_BxP, valid_BxP, c=self.c, kernels=self.kernels)
 
     def grow(self, kv, S):
         c = self.c
@@ -52,7 +54,7 @@ class OneDevice:
         ]
 
     def step(self, dp, tokens_B, positions_B, cache, slot, valid_BxS):
-        return decode.step(dp, tokens_B, positions_B, cache, slot, valid_BxS, c=self.c)
+        return decode.step(dp, tokens_B, positions_B, cache, slot, valid_BxS, c=self.c, kernels=self.kernels)
 
     def reorder(self, cache, rows_F):
         """Cache rows picked (and repeated) by `rows_F`: beam search keeps the caches of the beams it keeps."""
@@ -67,14 +69,15 @@ class Sharded:
     c: GPTConfig
     mesh: Mesh
     batch_axes: tuple[str, ...]
+    kernels: Kernels = PORTABLE
 
     @classmethod
-    def for_batch(cls, c: GPTConfig, mesh: Mesh, B: int) -> Sharded:
+    def for_batch(cls, c: GPTConfig, mesh: Mesh, B: int, kernels: Kernels = PORTABLE) -> Sharded:
         """Split the batch over data and fsdp, or over the one of them (or none) that divides it."""
         for axes in (("data", "fsdp"), ("data",), ("fsdp",), ()):
             axes = tuple(a for a in axes if mesh.shape[a] > 1)
             if B % math.prod(mesh.shape[a] for a in axes) == 0:
-                return cls(c, mesh, axes)
+                return cls(c, mesh, axes, kernels)
         raise AssertionError("unreachable: the empty split divides every batch")
 
     def _sharding(self, *spec):
@@ -105,7 +108,7 @@ class Sharded:
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, s), cache)
 
     def _apply(self, params, tokens_BxT, positions_BxT, cache, index, valid_BxS):
-        logits_BxTxV, cache = GPT(self.c).apply(
+        logits_BxTxV, cache = GPT(self.c, kernels=self.kernels).apply(
             {"params": params},
             tokens_BxT,
             positions_BxT,

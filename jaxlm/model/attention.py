@@ -1,8 +1,15 @@
-"""Causal softmax attention in [batch, heads, time, head_dim] layout, shared by training and decoding.
+"""Causal softmax attention in [batch, heads, time, head_dim] layout: the reference form and the kernels.
 
-Written out rather than `jax.nn.dot_product_attention`: with heads before time, XLA:CPU's batched
-products run on contiguous [T, K] tiles, faster forward + backward at GPT-2 124M's shapes (docs/design.md);
-and one function serves dropout (which the fused paths lack), left-padding masks and the KV cache.
+`attend` runs what the program's `jaxlm.kernels` record names for the call's phase (`Kernels.attention_for`):
+- "reference": written out, not `jax.nn.dot_product_attention`: with heads before time, XLA:CPU's batched
+  products run on contiguous [T, K] tiles, faster forward + backward at GPT-2 124M's shapes (docs/design.md);
+  it serves dropout (which the fused kernels lack), left-padding masks and the KV cache, and takes every
+  call another kernel cannot;
+- "cpu_blocked": the CPU's query blocks for long causal sequences (`jaxlm.cpu.attention`);
+- "xla": `jax.nn.dot_product_attention(implementation="xla")`, jax's own form;
+- "cudnn": cuDNN's fused kernel through `jax.nn.dot_product_attention` (GPU, bfloat16, whole sequences: its
+  causal mask is aligned top-left, right only when keys and queries are the same T tokens);
+- "splash": Pallas splash attention (TPU; `jaxlm.model.splash`).
 """
 
 from __future__ import annotations
@@ -11,18 +18,54 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Query rows per block for long causal sequences on the CPU: each block's keys stop at its last row, so
-# the upper triangle is neither multiplied nor exponentiated (9/16 of the work at 1024 tokens): faster from
-# 256 tokens, no gain at 128 (docs/design.md).
-CAUSAL_BLOCK = 128
+from ..cpu.attention import blocked_pays, causal_blocked
+from ..errors import JaxlmError
+from ..kernels import PORTABLE, Kernels
+from .mesh import tracing_mesh
+from .splash import attend as splash_attend
+from .splash import fits as splash_fits
+
 _NEG = float(jnp.finfo(jnp.float32).min)  # not -inf: a fully masked row (left padding) stays finite, not NaN
 
 
-def attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS=None, *, dropout: float = 0.0, rng=None):
-    """softmax(q k^T / sqrt(K)) v, scores in float32; `mask_BxTxS` None means causal with S == T."""
+def attend(
+    q_BxHxTxK,
+    k_BxHxSxK,
+    v_BxHxSxK,
+    mask_BxTxS=None,
+    *,
+    valid_BxS=None,
+    dropout: float = 0.0,
+    rng=None,
+    kernels: Kernels = PORTABLE,
+):
+    """softmax(q k^T / sqrt(K)) v with float32 scores. Which keys each query sees: `mask_BxTxS` when given
+    (decoding against a KV cache); else causal with S == T, and with `valid_BxS` (False: left padding) only
+    valid keys (a prefill); neither: a whole causal sequence (training, eval)."""
     T, S = q_BxHxTxK.shape[2], k_BxHxSxK.shape[2]
-    if mask_BxTxS is None and dropout == 0 and _blocked_pays(T, S):
-        return _causal_blocked(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, CAUSAL_BLOCK)
+    phase = "decode" if mask_BxTxS is not None else "prefill" if valid_BxS is not None else "train"
+    kind = kernels.attention_for(phase)
+    if dropout > 0 and kind not in ("reference", "cpu_blocked"):
+        raise JaxlmError(
+            f"attention {kind} has no dropout; resolve the kernels with the model's dropout "
+            "(jaxlm.kernels.resolve(..., dropout=config.dropout))"
+        )
+    if kind == "splash" and splash_fits(q_BxHxTxK, k_BxHxSxK, tracing_mesh()):
+        return splash_attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, valid_BxS, mesh=tracing_mesh())
+    if kind == "cudnn" and _cudnn_takes(q_BxHxTxK, S):
+        return _jax_attention(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, None, "cudnn")
+    if valid_BxS is not None:
+        mask_BxTxS = jnp.tril(jnp.ones((T, S), bool))[None] & valid_BxS[:, None, :]
+    if kind == "xla":
+        return _jax_attention(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS, "xla")
+    if kind == "cpu_blocked" and mask_BxTxS is None and dropout == 0 and blocked_pays(T, S):
+        return causal_blocked(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK)
+    return reference(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS, dropout=dropout, rng=rng)
+
+
+def reference(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS=None, *, dropout: float = 0.0, rng=None):
+    """The one-product form: [B, H, T, S] float32 scores, masked (None: causal with S == T), softmax, dropout."""
+    T, S = q_BxHxTxK.shape[2], k_BxHxSxK.shape[2]
     scale = 1.0 / np.sqrt(q_BxHxTxK.shape[-1])
     s_BxHxTxS = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxSxK, preferred_element_type=jnp.float32) * scale
     if mask_BxTxS is None:
@@ -35,28 +78,22 @@ def attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS=None, *, dropout: float =
     return jnp.einsum("bhts,bhsk->bhtk", p_BxHxTxS.astype(v_BxHxSxK.dtype), v_BxHxSxK)
 
 
-def _blocked_pays(T: int, S: int) -> bool:
-    # CPU only: XLA's GPU/TPU paths keep the one-product form they fuse well.
-    return T == S and T >= 2 * CAUSAL_BLOCK and jax.default_backend() == "cpu"
+def _cudnn_takes(q_BxHxTxK, S: int) -> bool:
+    """cuDNN's flash attention: whole sequences (T == S), 16-bit inputs, a head size that is a multiple of 8 up
+    to 128 (the limit before Hopper)."""
+    T, K = q_BxHxTxK.shape[2:]
+    return T == S and q_BxHxTxK.dtype in (jnp.bfloat16, jnp.float16) and K % 8 == 0 and K <= 128
 
 
-def _causal_blocked(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK, block: int):
-    """Causal attention by blocks of query rows; the same values as the one-product form up to rounding."""
-    T = q_BxHxTxK.shape[2]
-    scale = 1.0 / np.sqrt(q_BxHxTxK.shape[-1])
-    out = []
-    for start in range(0, T, block):
-        end = min(start + block, T)
-        s_BxHxQxS = (
-            jnp.einsum(
-                "bhtk,bhsk->bhts", q_BxHxTxK[:, :, start:end], k_BxHxTxK[:, :, :end], preferred_element_type=jnp.float32
-            )
-            * scale
-        )
-        causal_QxS = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None]
-        s_BxHxQxS = jnp.where(causal_QxS, s_BxHxQxS, _NEG)
-        # Normalise after the product: a [Q, K] division instead of a [Q, S] one.
-        p_BxHxQxS = jnp.exp(s_BxHxQxS - jax.lax.stop_gradient(s_BxHxQxS.max(-1, keepdims=True)))
-        y_BxHxQxK = jnp.einsum("bhts,bhsk->bhtk", p_BxHxQxS.astype(v_BxHxTxK.dtype), v_BxHxTxK[:, :, :end])
-        out.append(y_BxHxQxK / p_BxHxQxS.sum(-1, keepdims=True).astype(y_BxHxQxK.dtype))
-    return jnp.concatenate(out, axis=2)
+def _jax_attention(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_BxTxS, implementation: str):
+    """`jax.nn.dot_product_attention` (its layout is [B, T, H, K]); causal unless a mask says otherwise."""
+    q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = (x.transpose(0, 2, 1, 3) for x in (q_BxHxTxK, k_BxHxSxK, v_BxHxSxK))
+    y_BxTxHxK = jax.nn.dot_product_attention(
+        q_BxTxHxK,
+        k_BxSxHxK,
+        v_BxSxHxK,
+        mask=None if mask_BxTxS is None else mask_BxTxS[:, None],
+        is_causal=mask_BxTxS is None,
+        implementation=implementation,
+    )
+    return y_BxTxHxK.transpose(0, 2, 1, 3)

@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import GPTConfig
+from ..kernels import PORTABLE, Kernels
 from ..lora.adapters import LoraConfig
 from .attention import attend
 from .layers import block as residual_block
 from .layers import mlp, self_attention
+from .mesh import tracing_mesh
 
 Cache = dict  # {"k": LxBxSxHxK, "v": LxBxSxHxK}
 
@@ -41,7 +43,8 @@ def _ones(names: tuple):
 
 
 def _constrain(x, names: tuple):
-    return nn.with_logical_constraint(x, names)
+    # The mesh passed explicitly: without it flax 0.12 drops the constraint (jaxlm.model.mesh).
+    return nn.with_logical_constraint(x, names, mesh=tracing_mesh())
 
 
 class LoraDense(nn.Dense):
@@ -95,6 +98,7 @@ class CausalSelfAttention(nn.Module):
     config: GPTConfig
     train: bool = False
     lora: LoraConfig | None = None
+    kernels: Kernels = PORTABLE
 
     @nn.compact
     def __call__(self, x_BxTxD, kv=None, cache_index=None, mask_BxTxS=None):
@@ -130,7 +134,7 @@ class CausalSelfAttention(nn.Module):
             n_head=c.n_head,
             c_attn=c_attn,
             c_proj=lambda y: resid_dropout(proj(y)),
-            attend=partial(attend, mask_BxTxS=mask_BxTxS, dropout=dropout, rng=rng),
+            attend=partial(attend, mask_BxTxS=mask_BxTxS, dropout=dropout, rng=rng, kernels=self.kernels),
             write_kv=write_kv,
             constrain=_constrain,
         )
@@ -177,11 +181,12 @@ class Block(nn.Module):
     config: GPTConfig
     train: bool = False
     lora: LoraConfig | None = None
+    kernels: Kernels = PORTABLE
 
     @nn.compact
     def __call__(self, x_BxTxD, kv, cache_index, mask_BxTxS):
         c = self.config
-        attn = CausalSelfAttention(c, self.train, self.lora, name="attn")
+        attn = CausalSelfAttention(c, self.train, self.lora, self.kernels, name="attn")
         x_BxTxD, new_kv = residual_block(
             x_BxTxD,
             ln_1=layer_norm(c, "ln_1"),
@@ -202,11 +207,13 @@ class GPT(nn.Module):
       (logits, new cache), for generation with a KV cache (`init_cache`).
 
     `lora`: with adapters passed as the "lora" collection (`apply({"params": base, "lora": adapters}, ...)`),
-    each targeted layer adds s * dropout(x) A B; nothing changes without them.
+    each targeted layer adds s * dropout(x) A B; nothing changes without them. `kernels`: which attention runs
+    (`jaxlm.kernels.resolve` from the mesh the program runs on; default: the reference form, which runs anywhere).
     """
 
     config: GPTConfig
     lora: LoraConfig | None = None
+    kernels: Kernels = PORTABLE
 
     def __call__(self, tokens_BxT, positions_BxT=None, *, train: bool = False):
         return self.head(self.trunk(tokens_BxT, positions_BxT, train=train)[0])
@@ -270,7 +277,7 @@ class GPT(nn.Module):
             length=c.n_layer,
             unroll=1 if c.scan_layers else c.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, train, self.lora, name="h")
+        )(c, train, self.lora, self.kernels, name="h")
         x_BxTxD, new_kv = blocks(x_BxTxD, kv, index, mask_BxTxS)
         x_BxTxD = layer_norm(c, "ln_f")(x_BxTxD)
         return x_BxTxD, None if cache is None else {"k": new_kv[0], "v": new_kv[1]}

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import GPTConfig
+from ..kernels import PORTABLE, Kernels
 from ..lora.adapters import LoraConfig
 from ..utils.tree import combine
 from .gpt import GPT
@@ -42,9 +43,9 @@ def lora_variables(adapters, base) -> dict:
     return {"params": base, "lora": adapters}
 
 
-def lm_loss(config: GPTConfig, lora: LoraConfig | None = None):
-    """loss_fn(trainable, frozen, batch, rng) -> (loss, {"tokens": targets counted}) of GPT(config, lora)."""
-    model = GPT(config, lora=lora)
+def lm_loss(config: GPTConfig, lora: LoraConfig | None = None, kernels: Kernels = PORTABLE):
+    """loss_fn(trainable, frozen, batch, rng) -> (loss, {"tokens": targets counted}) of GPT(config, lora, kernels)."""
+    model = GPT(config, lora=lora, kernels=kernels)
     variables = params_variables if lora is None else lora_variables
 
     def loss_fn(trainable, frozen, batch, rng):
@@ -59,6 +60,6 @@ def lm_loss(config: GPTConfig, lora: LoraConfig | None = None):
     return loss_fn
 
 
-def lora_loss(config: GPTConfig, lora: LoraConfig):
+def lora_loss(config: GPTConfig, lora: LoraConfig, kernels: Kernels = PORTABLE):
     """The LM loss with LoRA adapters as the trainable tree and the base as the frozen one: `lm_loss(config, lora)`."""
-    return lm_loss(config, lora)
+    return lm_loss(config, lora, kernels)

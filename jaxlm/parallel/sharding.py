@@ -22,6 +22,7 @@ from ..config import GPTConfig
 from ..errors import JaxlmError
 from ..lora import adapters as lora_lib
 from ..model.gpt import logical_axes, param_shapes
+from ..model.mesh import tracing_over
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -168,14 +169,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 @contextlib.contextmanager
 def activate(mesh: Mesh):
-    """Inside: the model's activation constraints use `mesh` and RULES (trace jitted code here)."""
+    """Inside: the model's activation constraints and sharded kernels use `mesh` and RULES (trace jitted code here)."""
     # The legacy `with mesh:` context, not jax.set_mesh: under set_mesh Flax 0.12 applies the scanned
-    # layers' param axis metadata to per-layer slices and fails; revisit when Flax follows.
+    # layers' param axis metadata to per-layer slices and fails; revisit when Flax follows. The legacy context
+    # sets no abstract mesh, so the model gets the mesh itself (`tracing_over`), or flax drops every constraint.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*`with mesh:` context manager has been deprecated")
         mesh.__enter__()
     try:
-        with nn.logical_axis_rules(RULES):
+        with nn.logical_axis_rules(RULES), tracing_over(mesh):
             yield
     finally:
         mesh.__exit__(None, None, None)

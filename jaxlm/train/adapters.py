@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from ..config import GPTConfig, TrainConfig
 from ..errors import JaxlmError
 from ..io import load as loader
+from ..kernels import PORTABLE, Kernels
 from ..lora import adapters as lora_lib
 from ..lora import peft as peft_io
 from ..model.gpt import param_shapes
@@ -116,6 +117,6 @@ def new_lora_state(config: GPTConfig, lc, tx, shardings: dict, seed: int, base, 
     return fresh_state(tx, shardings, seed, make)
 
 
-def lora_seam(config: GPTConfig, lc: lora_lib.LoraConfig):
+def lora_seam(config: GPTConfig, lc: lora_lib.LoraConfig, kernels: Kernels = PORTABLE):
     """The loss the step is built with: the LM loss with the adapters as its trainable tree."""
-    return lm_loss(config, lc)
+    return lm_loss(config, lc, kernels)

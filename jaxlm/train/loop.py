@@ -19,6 +19,7 @@ import numpy as np
 from ..config import TrainConfig
 from ..errors import JaxlmError, disk_full
 from ..io import runs
+from ..kernels import resolve as resolve_kernels
 from ..parallel import distributed, sharding
 from ..parallel.sharding import placed_shapes
 from .batches import batches_for
@@ -54,7 +55,10 @@ def train(
     device order is the caller's (`jaxlm.parallel.sharding.make_mesh(spec, devices=...)`).
     """
     t_start = time.perf_counter()
-    if is_small(cfg):
+    # an impossible --attention (cudnn on a CPU, ...) fails here, before anything is written
+    resolve_kernels(None, dtype=cfg.dtype, dropout=cfg.dropout, attention=cfg.attention)
+    keep = is_small(cfg) and jax.devices()[0].platform == "cpu"  # a CPU tuning (jaxlm.cpu.allocator)
+    if keep:
         keep_freed_memory()
     persistent_compile_cache()
     log = log if jax.process_index() == 0 else (lambda *a, **k: None)
@@ -64,9 +68,11 @@ def train(
             check_incomplete(cfg, explicit)  # a finished run is left untouched (its lock file too)
             with RunLock(cfg.out_dir):  # one writer per run directory, taken before anything is written
                 s = setup(cfg, explicit, log, trainable, mesh)
-                record_layout(s.cfg.out_dir, is_small(s.cfg))
+                log(f"kernels: {s.kernels.describe('attention')}")
+                record_layout(s.cfg.out_dir, keep, s.kernels)
                 with sharding.activate(s.mesh), out_of_memory_said(s):  # steps trace under the mesh and its rules
-                    return Loop(s, stop, log, t_start, loss_fn or s.loss_fn or lm_loss(s.config)).run()
+                    loss = loss_fn or s.loss_fn or lm_loss(s.config, kernels=s.kernels)
+                    return Loop(s, stop, log, t_start, loss).run()
         except RunComplete as done:
             log(str(done))
             return {"step": None, "val_loss": None, "seconds": 0.0, "out_dir": cfg.out_dir, "stopped_by": None}

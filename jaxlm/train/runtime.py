@@ -1,24 +1,27 @@
 """How the host runs a job: the allocator, CPU cores as devices, the compile cache, stop signals.
 
-The device layout is decided before anything initialises JAX and recorded in the run directory
-(`runtime.json`), so a resumed run trains on the same devices as the run it continues: reductions then
-run in the same order and the resumed losses equal the uninterrupted ones bit for bit.
+The allocator setting and CPU cores as devices are CPU tunings (`jaxlm.cpu`): they are decided before
+anything initialises JAX, from the platform the command will use (`jaxlm.kernels.expected_platform`), so a
+GPU or TPU host gets neither. The layout, the platform and the kernel record are written to the run
+directory (`runtime.json`), so a resumed run trains on the same devices as the run it continues: reductions
+then run in the same order and the resumed losses equal the uninterrupted ones bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import threading
 from pathlib import Path
 
 import jax
 
-from ..cpu.allocator import keep_freed_memory  # noqa: F401  (re-exported: jaxlm.train.keep_freed_memory)
+from ..cpu.allocator import keep_freed_memory
+from ..cpu.cores import cpu_cores_for, use_cpu_cores, user_set_cpu_devices
 from ..data.prepared import META_FILE
 from ..data.tokens import BUILTIN
+from ..kernels import Kernels, expected_platform
 from ..tokenizer import GPT2_EOT_ID
 from ..utils.cache import cache_dir
 from ..utils.publish import write_file
@@ -57,45 +60,26 @@ def vocab_size_of(values: dict) -> int | None:
     return GPT2_EOT_ID + 1 if kind == "gpt2" else None
 
 
-def user_set_cpu_devices() -> bool:
-    return "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or bool(
-        os.environ.get("JAX_NUM_CPU_DEVICES")
-    )
-
-
-def cpu_cores_for(batch_size: int) -> int:
-    """How many CPU devices a small model trains on: as many cores as divide the batch."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(d for d in range(1, cores + 1) if batch_size % d == 0)
-
-
-def use_cpu_cores(n: int):
-    """On a CPU host, expose `n` CPU devices, so the default mesh runs data parallel across the cores.
-
-    XLA runs a small model's step on about one core at a time (its ops are too small to split), so two
-    cores as two devices train the default model faster (docs/design.md). Only the CPU platform is affected
-    (GPU/TPU hosts keep their accelerators), and only before JAX initialises.
-    """
-    with contextlib.suppress(RuntimeError):  # already initialised: keep what it has
-        jax.config.update("jax_num_cpu_devices", n)
-
-
 def host_layout(values: dict, single_process: bool = True) -> dict:
     """{"cpu_devices": n | None, "keep_freed_memory": bool} for a run about to start; JAX stays untouched.
 
-    `values`: the run's TrainConfig values (flags). A resumed run takes what its run directory recorded.
-    Otherwise a small model with a small (char-level) vocabulary, on one process with no --mesh and no
-    device count of the user's own, gets a CPU device per core that divides the batch.
+    `values`: the run's TrainConfig values (flags). Both are CPU tunings, so only when the command will run
+    on the CPU (`expected_platform`: JAX_PLATFORMS, else whether an accelerator plugin is installed). A resumed
+    run takes what its run directory recorded. Otherwise a small model with a small (char-level) vocabulary, on
+    one process with no --mesh and no device count of the user's own, gets a CPU device per core that divides
+    the batch, and a small model keeps freed memory.
     """
-    mine = values["mesh"] is None and single_process and not user_set_cpu_devices()
+    cpu = expected_platform() == "cpu"
+    mine = cpu and values["mesh"] is None and single_process and not user_set_cpu_devices()
     if values["init_from"] == "resume":
         recorded = read_layout(values["out_dir"])
         if recorded is not None:
-            return {**recorded, "cpu_devices": recorded.get("cpu_devices") if mine else None}
+            keep = cpu and bool(recorded.get("keep_freed_memory"))
+            return {"cpu_devices": recorded.get("cpu_devices") if mine else None, "keep_freed_memory": keep}
     small = is_small(values)
     vocab = vocab_size_of(values) if small and mine else None
     cores = small and mine and (vocab is None or vocab <= SMALL_VOCAB)
-    return {"cpu_devices": cpu_cores_for(values["batch_size"]) if cores else None, "keep_freed_memory": small}
+    return {"cpu_devices": cpu_cores_for(values["batch_size"]) if cores else None, "keep_freed_memory": small and cpu}
 
 
 def apply_layout(layout: dict):
@@ -106,12 +90,16 @@ def apply_layout(layout: dict):
         use_cpu_cores(layout["cpu_devices"])
 
 
-def record_layout(out_dir, keep: bool):
-    """Write the layout this run actually has into its directory (process 0; written whole or not at all)."""
+def record_layout(out_dir, keep: bool, kernels: Kernels | None = None):
+    """Write the layout this run actually has into its directory (process 0; written whole or not at all):
+    the platform, CPU devices, the allocator setting and the kernel record with why each was chosen."""
     if jax.process_index() != 0:
         return
-    cpu = jax.devices()[0].platform == "cpu"
-    layout = {"cpu_devices": jax.device_count() if cpu else None, "keep_freed_memory": keep}
+    platform = jax.devices()[0].platform
+    layout = {"platform": platform, "cpu_devices": jax.device_count() if platform == "cpu" else None}
+    layout["keep_freed_memory"] = keep
+    if kernels is not None:
+        layout["kernels"] = kernels.to_dict()
     write_file(Path(out_dir).expanduser() / RUNTIME_FILE, json.dumps(layout) + "\n")
 
 

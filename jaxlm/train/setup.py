@@ -7,6 +7,7 @@ merged in one place: `resume_config`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from ..config import ARCH_FIELDS, GPTConfig, TrainConfig
 from ..data import sft
@@ -22,9 +24,12 @@ from ..data import tokens as data
 from ..errors import JaxlmError
 from ..io import load as loader
 from ..io import runs
+from ..kernels import PORTABLE, Kernels
+from ..kernels import resolve as resolve_kernels
 from ..lora.adapters import describe as describe_lora
 from ..model.gpt import crop_context
 from ..parallel import sharding
+from ..parallel.memory import training_memory
 from ..utils.tree import leaf_paths
 from .adapters import FLAGS as LORA_FLAGS
 from .adapters import (
@@ -42,6 +47,12 @@ from .state import check_prng_impl, model_layout, new_state, restore_state
 
 _RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "loss.png")
 COMPUTE_FIELDS = ("dropout", "dtype", "remat", "scan_layers")  # how a stored model computes: flags may change
+# On a GPU or TPU, how a run whose flags leave them unset computes (TrainConfig's defaults are the CPU's: layers
+# unrolled, no remat). Layers scanned: XLA compiles one layer's program, 3-5x faster than the unrolled stack
+# for GPT-2 124M. Remat (a second forward pass in the backward, ~1/3 more compute) only where the activations
+# would not fit: parallel.memory's estimate without it above REMAT_ABOVE of the device's memory (the compiled
+# peak measured up to 1.45x that estimate, so this keeps it under ~3/4 of the chip). docs/accelerators.md.
+REMAT_ABOVE = 0.5
 
 
 class RunComplete(Exception):
@@ -64,6 +75,7 @@ class Setup:
     frozen_paths: tuple[str, ...] = ()  # params held fixed ("a/b/leaf"), recorded with each checkpoint
     lora: dict | None = None  # a LoRA run: {"config", "base": {"source", "fingerprint"}}, recorded likewise
     loss_fn: Callable | None = None  # None: the LM loss of `config`
+    kernels: Kernels = PORTABLE  # what the steps run, resolved from the mesh (jaxlm.kernels)
 
 
 def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, trainable=None, mesh=None) -> Setup:
@@ -108,10 +120,18 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
             f"--batch-size {cfg.batch_size} must be divisible by the data x fsdp mesh size "
             f"{mesh.shape['data'] * mesh.shape['fsdp']}"
         )
+    platform = mesh.devices.flat[0].platform
+    if not resume and platform != "cpu":  # a resumed run computes as it began (its config holds what was chosen)
+        chosen = for_platform(cfg, explicit, config, platform, dict(mesh.shape), device_memory())
+        if chosen:
+            cfg, config = cfg.replace(**chosen), config.replace(**chosen)
+            settings = ", ".join(f"{k}={v}" for k, v in chosen.items())
+            log(f"on {platform}: {settings} (the platform's rule; --scan-layers and --remat choose)")
+    kernels = resolve_kernels(mesh, dtype=config.dtype, dropout=config.dropout, attention=cfg.attention)
     tx = make_optimizer(cfg)
     start = previous[0] if resume else 0
     if (resume and "lora" in previous[1]) or lora_flags is not None:
-        return _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flags, params, log)
+        return _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flags, params, log, kernels)
     if resume:  # the run's own split: what it froze stays frozen
         frozen = set(previous[1].get("frozen_paths", ()))
         trainable = (lambda path: path not in frozen) if frozen else None
@@ -121,7 +141,33 @@ def setup(cfg: TrainConfig, explicit: frozenset = frozenset(), log=print, traina
     else:
         init = partial(new_state, config, tx, shardings, cfg.seed, params, trainable)
     frozen_paths = tuple(leaf_paths(shapes["frozen"]))
-    return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, frozen_paths)
+    return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, frozen_paths, kernels=kernels)
+
+
+def for_platform(
+    cfg: TrainConfig, explicit: frozenset, config: GPTConfig, platform: str, mesh: dict, device_bytes: int | None
+) -> dict:
+    """{field: value} the platform's rule (REMAT_ABOVE) sets for `config` trained by `cfg` on `mesh` ({axis:
+    size}) of `platform` devices with `device_bytes` each (None: unknown, no remat); {} on a CPU. A field given
+    by a flag or preset (`explicit`), or unlike TrainConfig's default (a library caller's choice), stays."""
+    if platform == "cpu":
+        return {}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    unset = [k for k in ("scan_layers", "remat") if k not in explicit and getattr(cfg, k) == defaults[k]]
+    chosen = {}
+    if "scan_layers" in unset:
+        chosen["scan_layers"] = True
+    if "remat" in unset:
+        itemsize = jnp.dtype(config.dtype).itemsize
+        need = training_memory(config, mesh, cfg.batch_size, config.block_size, False, itemsize).total
+        chosen["remat"] = device_bytes is not None and need > REMAT_ABOVE * device_bytes
+    return {k: v for k, v in chosen.items() if getattr(cfg, k) != v}
+
+
+def device_memory(device=None) -> int | None:
+    """Bytes of memory of `device` (default: the first local one) as its runtime reports them, or None."""
+    stats = (device or jax.local_devices()[0]).memory_stats()  # None on a CPU
+    return (stats or {}).get("bytes_limit")
 
 
 def open_data(cfg: TrainConfig, block_size: int, log) -> data.TokenData | sft.SFTData:
@@ -149,7 +195,7 @@ def _check_incomplete(out: Path, step: int, cfg: TrainConfig):
         )
 
 
-def _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flags, params, log) -> Setup:
+def _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flags, params, log, kernels) -> Setup:
     """A LoRA run: adapters train (fresh, from --adapter, or the run's own), the base is frozen."""
     if lora_flags is None:  # resume: the run's LoRA config; the base is reloaded and checked when built
         lc, base = lora_from_meta(previous[1])
@@ -170,9 +216,9 @@ def _lora_setup(cfg, config, ds, tokenizer, start, mesh, tx, previous, lora_flag
             return new_lora_state(config, lc, tx, shardings, cfg.seed, held.pop(), adapters)
 
     log(describe_lora(config, lc) + (f" (continuing {cfg.adapter})" if cfg.adapter and not start else ""))
-    loss_fn = lora_seam(config, lc)
+    loss_fn = lora_seam(config, lc, kernels)
     meta = lora_run_meta(lc, base)
-    return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, (), meta, loss_fn)
+    return Setup(cfg, config, ds, tokenizer, start, mesh, shardings, shapes, init, (), meta, loss_fn, kernels)
 
 
 def _check_writable(out: Path):

@@ -58,8 +58,8 @@ PHASE = {
 
 @pytest.mark.parametrize("cudnn", [True, False])
 def test_selection_for_every_platform_dtype_dropout_and_phase(cudnn, monkeypatch):
-    # cuDNN cannot load here; its availability is the one input this test sets by hand.
-    monkeypatch.setattr(kernels, "cudnn_available", lambda: cudnn)
+    # cuDNN cannot load here; whether it can is the one input this test sets by hand.
+    monkeypatch.setattr(kernels, "cudnn_missing", lambda: None if cudnn else "no cuDNN")
     for (platform, dtype, dropout), want in AUTO.items():
         want = "reference" if want == "cudnn" and not cudnn else want
         k = kernels.resolve(platform, dtype=dtype, dropout=dropout, decode=True)
@@ -98,7 +98,7 @@ def test_the_record_is_read_from_where_a_program_runs():
         ("cpu", dict(attention="cudnn"), "--attention cudnn runs on an NVIDIA GPU, not on cpu"),
         ("tpu", dict(attention="cudnn", dtype="bfloat16"), "runs on an NVIDIA GPU, not on tpu"),
         ("gpu", dict(attention="cudnn", dtype="float32"), "needs --dtype bfloat16"),
-        ("gpu", dict(attention="cudnn", dtype="bfloat16"), "cuDNN is not available in this process"),
+        ("gpu", dict(attention="cudnn", dtype="bfloat16"), "does not load here .cuDNN is not detected"),
         ("gpu", dict(attention="splash"), "splash is a TPU kernel"),
         ("tpu", dict(attention="splash", dropout=0.1), "--attention splash has no attention dropout"),
         ("cpu", dict(attention="xla", dropout=0.1), "--attention xla has no attention dropout"),

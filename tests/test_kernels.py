@@ -26,6 +26,7 @@ from jaxlm.cli import run_cli
 from jaxlm.config import TrainConfig
 from jaxlm.cpu import native
 from jaxlm.errors import JaxlmError
+from jaxlm.eval.cli import main as eval_main
 from jaxlm.generation import decode
 from jaxlm.generation.cli import main as sample_main
 from jaxlm.model.attention import attend
@@ -118,6 +119,10 @@ def test_commands_refuse_an_impossible_attention_in_one_line(capsys, tmp_path):
     rc = run_cli(sample_main, ["--init-from", str(tmp_path), "--out-dir", str(tmp_path), "--attention", "cudnn"])
     err = capsys.readouterr().err
     assert rc == 2 and err.strip() == "error: --attention cudnn runs on an NVIDIA GPU, not on cpu; use --attention auto"
+    argv = [str(tmp_path / "nothing"), "--task", "wikitext2", "--attention", "cudnn", "--return-freed-memory"]
+    rc = run_cli(eval_main, argv)  # before the (missing) model is looked for
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: --attention cudnn runs on an NVIDIA GPU")
     out = tmp_path / "run"  # training refuses it before anything is written
     with pytest.raises(JaxlmError, match="runs on an NVIDIA GPU"):
         jaxlm.train.train(TrainConfig(attention="cudnn", dtype="bfloat16", out_dir=str(out)), log=lambda *a: None)

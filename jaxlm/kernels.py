@@ -150,16 +150,16 @@ def _attention(platform: str, dtype: str, dropout: float, asked: str) -> tuple[s
             return "splash", f"tpu, {dtype}"
         if dtype == "float32":
             return "reference", "gpu, float32: cuDNN's fused attention takes bfloat16"
-        if not cudnn_available():
-            return "reference", "gpu, cuDNN not found in this process"
+        if cudnn_missing():
+            return "reference", f"gpu: {cudnn_missing()}"
         return "cudnn", f"gpu, {dtype}"
     if asked == "cudnn":
         if platform != "gpu":
             raise JaxlmError(f"--attention cudnn runs on an NVIDIA GPU, not on {platform}; use --attention auto")
         if dtype == "float32":
             raise JaxlmError("--attention cudnn needs --dtype bfloat16 (cuDNN's fused attention takes no float32)")
-        if not cudnn_available():
-            raise JaxlmError("--attention cudnn: cuDNN is not available in this process; use --attention auto")
+        if cudnn_missing():
+            raise JaxlmError(f"--attention cudnn: {cudnn_missing()}; use --attention auto")
     if asked == "splash":
         if platform == "gpu":
             raise JaxlmError("--attention splash is a TPU kernel (interpreted on a CPU); on a GPU use cudnn or auto")
@@ -169,15 +169,19 @@ def _attention(platform: str, dtype: str, dropout: float, asked: str) -> tuple[s
 
 
 @functools.cache
-def cudnn_available() -> bool:
-    """Whether `jax.nn.dot_product_attention(implementation="cudnn")` traces in this process (it raises
-    "cuDNN is not detected." without CUDA's cuDNN, e.g. on a CPU host exporting for a GPU)."""
+def cudnn_missing() -> str | None:
+    """Why this process cannot run cuDNN's flash attention, or None when it can: it needs CUDA's cuDNN (without
+    it `jax.nn.dot_product_attention(implementation="cudnn")` raises "cuDNN is not detected." as it traces,
+    e.g. on a CPU host exporting for a GPU) and a GPU of compute capability 8.0 or newer (Ampere on)."""
     x = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
     try:
         jax.eval_shape(lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn"), x)
-    except (RuntimeError, ValueError, NotImplementedError):
-        return False
-    return True
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        return f"cuDNN's attention does not load here ({str(e).strip().splitlines()[0]})"
+    capability = getattr(jax.devices("gpu")[0], "compute_capability", "0")
+    if tuple(int(p) for p in str(capability).split(".")) < (8, 0):
+        return f"cuDNN's flash attention needs compute capability 8.0, this GPU has {capability}"
+    return None
 
 
 def expected_platform() -> str | None:

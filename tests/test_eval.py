@@ -271,6 +271,7 @@ def test_cli_runs_all_tasks_and_writes_json(model, tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["tasks"]) == {"wikitext2", "lambada", "hellaswag"}
     assert report["tasks"]["lambada"]["examples"] == 2 and report["tasks"]["hellaswag"]["examples"] == 2
+    assert report["kernels"]["attention"] == "cpu_blocked" and report["kernels"]["why"]["eval_head"]  # what ran
     assert "token_perplexity" in out and "acc_norm_tokens" in out and "compiles" in out
 
 

@@ -26,6 +26,7 @@ from jaxlm.cli import run_cli
 from jaxlm.config import TrainConfig
 from jaxlm.cpu import native
 from jaxlm.errors import JaxlmError
+from jaxlm.eval.cli import main as eval_main
 from jaxlm.generation import decode
 from jaxlm.generation.cli import main as sample_main
 from jaxlm.model.attention import attend
@@ -58,8 +59,8 @@ PHASE = {
 
 @pytest.mark.parametrize("cudnn", [True, False])
 def test_selection_for_every_platform_dtype_dropout_and_phase(cudnn, monkeypatch):
-    # cuDNN cannot load here; its availability is the one input this test sets by hand.
-    monkeypatch.setattr(kernels, "cudnn_available", lambda: cudnn)
+    # cuDNN cannot load here; whether it can is the one input this test sets by hand.
+    monkeypatch.setattr(kernels, "cudnn_missing", lambda: None if cudnn else "no cuDNN")
     for (platform, dtype, dropout), want in AUTO.items():
         want = "reference" if want == "cudnn" and not cudnn else want
         k = kernels.resolve(platform, dtype=dtype, dropout=dropout, decode=True)
@@ -98,7 +99,7 @@ def test_the_record_is_read_from_where_a_program_runs():
         ("cpu", dict(attention="cudnn"), "--attention cudnn runs on an NVIDIA GPU, not on cpu"),
         ("tpu", dict(attention="cudnn", dtype="bfloat16"), "runs on an NVIDIA GPU, not on tpu"),
         ("gpu", dict(attention="cudnn", dtype="float32"), "needs --dtype bfloat16"),
-        ("gpu", dict(attention="cudnn", dtype="bfloat16"), "cuDNN is not available in this process"),
+        ("gpu", dict(attention="cudnn", dtype="bfloat16"), "does not load here .cuDNN is not detected"),
         ("gpu", dict(attention="splash"), "splash is a TPU kernel"),
         ("tpu", dict(attention="splash", dropout=0.1), "--attention splash has no attention dropout"),
         ("cpu", dict(attention="xla", dropout=0.1), "--attention xla has no attention dropout"),
@@ -118,6 +119,10 @@ def test_commands_refuse_an_impossible_attention_in_one_line(capsys, tmp_path):
     rc = run_cli(sample_main, ["--init-from", str(tmp_path), "--out-dir", str(tmp_path), "--attention", "cudnn"])
     err = capsys.readouterr().err
     assert rc == 2 and err.strip() == "error: --attention cudnn runs on an NVIDIA GPU, not on cpu; use --attention auto"
+    argv = [str(tmp_path / "nothing"), "--task", "wikitext2", "--attention", "cudnn", "--return-freed-memory"]
+    rc = run_cli(eval_main, argv)  # before the (missing) model is looked for
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: --attention cudnn runs on an NVIDIA GPU")
     out = tmp_path / "run"  # training refuses it before anything is written
     with pytest.raises(JaxlmError, match="runs on an NVIDIA GPU"):
         jaxlm.train.train(TrainConfig(attention="cudnn", dtype="bfloat16", out_dir=str(out)), log=lambda *a: None)

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=ATTENTIONS,
         help="attention kernel: auto picks by platform and dtype (cuDNN on a GPU in bfloat16, splash on a TPU, "
-        "jaxlm's reference form with the CPU's query blocks on a CPU)",
+        "jaxlm's reference form with the CPU's query blocks on a CPU); --output records what ran",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -119,7 +119,6 @@ def main(argv=None) -> int:
     if not args.return_freed_memory and expected_platform() == "cpu":
         keep_freed_memory()  # before JAX starts: XLA:CPU's per-call buffers then stop page-faulting
     kernels = resolve(None, dtype=args.dtype, attention=args.attention)  # an impossible --attention: before loading
-    print(f"kernels: {kernels.describe('attention', 'eval_head')}", file=sys.stderr)
 
     if args.adapter:
         peft_io.check_adapter(args.adapter)  # a bad adapter fails before the base is loaded
@@ -149,6 +148,7 @@ def main(argv=None) -> int:
     if args.output:
         out = Path(args.output)
         report = {"source": str(args.source), "dtype": args.dtype, "config": config.to_dict(), "tasks": results}
+        report["kernels"] = kernels.to_dict()  # what ran, and why
         write_json(out, report)
         print(f"wrote {out}")
         for name, rows in predictions.items():

@@ -68,7 +68,7 @@ def prepare(params, c: GPTConfig, kernels: Kernels = PORTABLE) -> dict:
     }
 
 
-def _linear(x_xD, w_OxD, b_O=None, out_dtype=None, n_out=None, products: str = "plain"):
+def _linear(x_xD, w_OxD, b_O=None, out_dtype=None, n_out=None, products: str | None = "plain"):
     """x @ w.T (+ b) over the last axis, accumulated in float32, in the form `products` names (a kernels
     record's decode_products). A packed w (`native.pack`) has `n_out` (else the bias's length) outputs."""
     x_NxD = x_xD.reshape(-1, x_xD.shape[-1])
@@ -77,22 +77,23 @@ def _linear(x_xD, w_OxD, b_O=None, out_dtype=None, n_out=None, products: str = "
     return y_xO if b_O is None else y_xO + b_O
 
 
-def _products(x_NxD, w_OxD, n_out, products: str):
-    if products == "plain" and w_OxD.ndim == 2:  # a GPU's or TPU's matmul, the same for any number of rows
-        return jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)
-    return cpu_products(x_NxD, w_OxD, n_out)  # native (packed weights), the fused multiply-reduce, bf16's pad
+def _products(x_NxD, w_OxD, n_out, products: str | None):
+    if w_OxD.ndim > 2 or products in ("native", "cpu_fused"):  # a CPU program's forms (packed: native)
+        return cpu_products(x_NxD, w_OxD, n_out)
+    # plain: the platform's matmul at its default precision, the same for any number of rows
+    return jnp.einsum("nd,od->no", x_NxD, w_OxD, preferred_element_type=jnp.float32)
 
 
 def _ln(c: GPTConfig, p, x):
     return layer_norm(c, "ln").apply({"params": p}, x)
 
 
-def _dense(p, products: str = "plain"):
+def _dense(p, products: str | None = "plain"):
     """x -> x @ W + b over a decode-layout Dense's {"kernel" [out, in], "bias" [out]}."""
     return lambda x: _linear(x, p["kernel"], p["bias"], products=products)
 
 
-def _block(c: GPTConfig, p, x_BxTxD, attend_fn, write_kv, products: str = "plain"):
+def _block(c: GPTConfig, p, x_BxTxD, attend_fn, write_kv, products: str | None = "plain"):
     """One layer of `jaxlm.model.layers` over decode-layout weights: (x, its cache entry)."""
     attn, mlp = p["attn"], p["mlp"]
     return layers.block(
@@ -107,7 +108,7 @@ def _block(c: GPTConfig, p, x_BxTxD, attend_fn, write_kv, products: str = "plain
     )  # fmt: skip
 
 
-def _head(c: GPTConfig, dp, x_BxD, products: str = "plain"):
+def _head(c: GPTConfig, dp, x_BxD, products: str | None = "plain"):
     x_BxD = _ln(c, dp["ln_f"], x_BxD)
     return _linear(x_BxD, dp["wte"], out_dtype=jnp.float32, n_out=c.vocab_size, products=products)
 

@@ -130,6 +130,16 @@ def prefill(dp, tokens_BxT, positions_BxT, valid_BxT, *, c: GPTConfig):
 
     `valid_BxT` is False at padding, which no real token attends to.
     """
+    x_BxTxD, kv = prefill_hidden(dp, tokens_BxT, positions_BxT, valid_BxT, c=c)
+    return _head(c, dp, x_BxTxD[:, -1]), kv
+
+
+def prefill_hidden(dp, tokens_BxT, positions_BxT, valid_BxT, *, c: GPTConfig):
+    """`prefill` before the LM head: (the last block's output at every position [B, T, D], per-layer (k, v)).
+
+    For callers that need logits elsewhere than the last position: right-padded prompts (a serving
+    engine's slots) or every position's log-probabilities (`head` on the rows wanted).
+    """
     T = tokens_BxT.shape[1]
     x_BxTxD = _embed(c, dp, tokens_BxT, positions_BxT)
     mask_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & valid_BxT[:, None, :]
@@ -137,7 +147,12 @@ def prefill(dp, tokens_BxT, positions_BxT, valid_BxT, *, c: GPTConfig):
     for p in dp["layers"]:
         x_BxTxD, layer_kv = _block(c, p, x_BxTxD, partial(attend, mask_BxTxS=mask_BxTxT), lambda k, v: (k, v, (k, v)))
         kv.append(layer_kv)
-    return _head(c, dp, x_BxTxD[:, -1]), kv
+    return x_BxTxD, kv
+
+
+def head(dp, x_BxD, *, c: GPTConfig):
+    """float32 logits [B, V] of the last block's output (ln_f, then the tied LM head)."""
+    return _head(c, dp, x_BxD)
 
 
 def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig):
@@ -147,7 +162,6 @@ def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig):
     `slot` that are valid (`valid_BxS` is False at its left padding).
     """
     S = valid_BxS.shape[1]
-    x_Bx1xD = _embed(c, dp, tokens_B, positions_B)[:, None]
     mask_Bx1xS = (valid_BxS & (jnp.arange(S) <= slot))[:, None]
     zero = jnp.zeros((), jnp.int32)
 
@@ -159,8 +173,37 @@ def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig):
 
         return write
 
+    return _one_token(c, dp, tokens_B, positions_B, cache, mask_Bx1xS, write_at_slot)
+
+
+def step_rows(dp, tokens_B, positions_B, cache, slots_B, *, c: GPTConfig, window: int | None = None):
+    """`step` with each row at its own cache slot: row b's key and value go to `slots_B[b]`, and it attends
+    to its slots 0..slots_B[b] (a row's sequence starts at slot 0: no padding). Returns (logits [B, V], cache).
+
+    For a serving engine, whose rows are independent requests at different lengths. `window` (static):
+    attend over the first `window` cache slots only (every `slots_B` below it), so a step's attention reads
+    what the longest row needs rather than the whole cache.
+    """
+    S = cache[0][0].shape[2]
+    W = S if window is None else window
+    mask_Bx1xW = (jnp.arange(W)[None] <= slots_B[:, None])[:, None]
+    rows_B = jnp.arange(tokens_B.shape[0])
+
+    def write_at_rows(k_BxHxSxK, v_BxHxSxK):
+        def write(k_BxHx1xK, v_BxHx1xK):
+            k = k_BxHxSxK.at[rows_B, :, slots_B].set(k_BxHx1xK[:, :, 0].astype(k_BxHxSxK.dtype))
+            v = v_BxHxSxK.at[rows_B, :, slots_B].set(v_BxHx1xK[:, :, 0].astype(v_BxHxSxK.dtype))
+            return k[:, :, :W], v[:, :, :W], (k, v)
+
+        return write
+
+    return _one_token(c, dp, tokens_B, positions_B, cache, mask_Bx1xW, write_at_rows)
+
+
+def _one_token(c: GPTConfig, dp, tokens_B, positions_B, cache, mask_Bx1xS, writer):
+    x_Bx1xD = _embed(c, dp, tokens_B, positions_B)[:, None]
     new_cache = []
     for p, layer_kv in zip(dp["layers"], cache, strict=True):
-        x_Bx1xD, layer_kv = _block(c, p, x_Bx1xD, partial(attend, mask_BxTxS=mask_Bx1xS), write_at_slot(*layer_kv))
+        x_Bx1xD, layer_kv = _block(c, p, x_Bx1xD, partial(attend, mask_BxTxS=mask_Bx1xS), writer(*layer_kv))
         new_cache.append(layer_kv)
     return _head(c, dp, x_Bx1xD[:, 0]), new_cache

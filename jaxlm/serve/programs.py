@@ -119,9 +119,12 @@ class Programs:
         todo.append((("echo",), jax.jit(self._echo), echo_args))
         return todo
 
-    def compile_all(self, log=None):
-        """Compile every program the engine can run; `log(message)` hears of each with its time."""
+    def compile_all(self, log=None, only=None):
+        """Compile every program the engine can run (or those whose key `only(key)` accepts); `log(message)`
+        hears of each with its time."""
         for key, fn, args in self._specs():
+            if only is not None and not only(key):
+                continue
             t0 = time.perf_counter()
             self.exe[key] = fn.lower(*args).compile()
             seconds = time.perf_counter() - t0

@@ -10,7 +10,7 @@ half the RAM) and without it (requests one at a time: run at 1 and 8 clients onl
 (completion tokens / wall time of the burst), time to first token p50 / p99 (from sending to the first text),
 time per output token p50 (a request's time after its first token / its other tokens). Then jaxlm's offline
 `Generator` on the same prompts at the same batch size (prefill included, compile excluded): the engine's
-own limit. And the decode step the engine runs, at 32 rows (window 256), timed alone against the float32
+own limit. And the decode step the engine runs, at 32 rows attending to 256 positions, timed alone against the float32
 matmul peak measured in the same run. The client is a few lines of asyncio + httpx (no openai client: its
 parsing would take CPU from the servers on a 2-core machine). Results: bench/results/serve.json.
 """
@@ -216,7 +216,7 @@ def generator_rows(model, dtype, prompts, levels, max_tokens, log) -> list[dict]
 
 
 def step_row(model, dtype, rows: int, window: int, peak_gflops: float, log) -> dict:
-    """The engine's decode step (all `rows` slots, attention over `window` positions) timed alone."""
+    """The engine's decode step (all `rows` slots, each attending to `window` positions) timed alone."""
     import jax
 
     import jaxlm
@@ -226,7 +226,7 @@ def step_row(model, dtype, rows: int, window: int, peak_gflops: float, log) -> d
     config, params = jaxlm.load(model)
     config = config.replace(dtype=dtype, param_dtype=dtype)
     p = Programs(decode.prepare(params, config), config, rows, window)
-    p.compile_all(only=lambda key: key == ("step", window))
+    p.compile_all(only=lambda key: key == ("step",))
     cache = p.new_cache()
     tokens = np.zeros(rows, np.int32)
     positions = np.full(rows, window - 1, np.int32)

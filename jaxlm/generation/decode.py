@@ -25,6 +25,7 @@ from ..model import layers
 from ..model.attention import attend
 from ..model.gpt import layer_norm
 
+_NEG = float(jnp.finfo(jnp.float32).min)  # as jaxlm.model.attention masks: finite, so nothing turns NaN
 FUSED_ROWS = 32  # float32: up to this many rows, x @ W.T as a fused multiply-reduce (faster on CPU); beyond, a matmul
 NATIVE_ROWS = 64  # packed weights: up to this many rows the native kernel; beyond (a long prefill), XLA's matmul
 
@@ -176,28 +177,64 @@ def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig):
     return _one_token(c, dp, tokens_B, positions_B, cache, mask_Bx1xS, write_at_slot)
 
 
-def step_rows(dp, tokens_B, positions_B, cache, slots_B, *, c: GPTConfig, window: int | None = None):
-    """`step` with each row at its own cache slot: row b's key and value go to `slots_B[b]`, and it attends
-    to its slots 0..slots_B[b] (a row's sequence starts at slot 0: no padding). Returns (logits [B, V], cache).
+def step_rows(dp, tokens_B, positions_B, cache, *, c: GPTConfig, chunk: int = 64):
+    """`step` with each row at its own cache slot: row b's key and value go to slot `positions_B[b]` (a
+    row's sequence starts at slot 0: no padding), and it attends to its slots 0..positions_B[b].
+    Returns (logits [B, V], cache).
 
-    For a serving engine, whose rows are independent requests at different lengths. `window` (static):
-    attend over the first `window` cache slots only (every `slots_B` below it), so a step's attention reads
-    what the longest row needs rather than the whole cache.
+    For a serving engine, whose rows are independent requests at different lengths. Attention runs over
+    the cache `chunk` slots at a time (`attend_chunks`), only as far as the longest row reaches, and a
+    row's numbers do not depend on how far that is (the cache's S must be a multiple of `chunk`).
     """
-    S = cache[0][0].shape[2]
-    W = S if window is None else window
-    mask_Bx1xW = (jnp.arange(W)[None] <= slots_B[:, None])[:, None]
     rows_B = jnp.arange(tokens_B.shape[0])
 
     def write_at_rows(k_BxHxSxK, v_BxHxSxK):
         def write(k_BxHx1xK, v_BxHx1xK):
-            k = k_BxHxSxK.at[rows_B, :, slots_B].set(k_BxHx1xK[:, :, 0].astype(k_BxHxSxK.dtype))
-            v = v_BxHxSxK.at[rows_B, :, slots_B].set(v_BxHx1xK[:, :, 0].astype(v_BxHxSxK.dtype))
-            return k[:, :, :W], v[:, :, :W], (k, v)
+            k = k_BxHxSxK.at[rows_B, :, positions_B].set(k_BxHx1xK[:, :, 0].astype(k_BxHxSxK.dtype))
+            v = v_BxHxSxK.at[rows_B, :, positions_B].set(v_BxHx1xK[:, :, 0].astype(v_BxHxSxK.dtype))
+            return k, v, (k, v)
 
         return write
 
-    return _one_token(c, dp, tokens_B, positions_B, cache, mask_Bx1xW, write_at_rows)
+    x_Bx1xD = _embed(c, dp, tokens_B, positions_B)[:, None]
+    attend_fn = partial(attend_chunks, positions_B=positions_B, chunk=chunk)
+    new_cache = []
+    for p, layer_kv in zip(dp["layers"], cache, strict=True):
+        x_Bx1xD, layer_kv = _block(c, p, x_Bx1xD, attend_fn, write_at_rows(*layer_kv))
+        new_cache.append(layer_kv)
+    return _head(c, dp, x_Bx1xD[:, 0]), new_cache
+
+
+def attend_chunks(q_BxHx1xK, k_BxHxSxK, v_BxHxSxK, *, positions_B, chunk: int):
+    """One query per row over its cache slots 0..positions_B[b], `chunk` slots at a time (online softmax).
+
+    The loop runs only as far as the longest row reaches, and a chunk wholly past a row's position changes
+    nothing of that row's result, bit for bit (its running max stays, its weight is exactly 0): a row's
+    output is the same however long the other rows are. (One product over the slots up to a window
+    gives a row other bits at another window length on XLA:CPU for some shapes.)
+    """
+    B, H, _, K = q_BxHx1xK.shape
+    scale = 1.0 / np.sqrt(K)
+    q_BxHxK = q_BxHx1xK[:, :, 0]
+    steps = jnp.max(positions_B) // chunk + 1
+
+    def body(i, carry):
+        m_BxH, l_BxH, acc_BxHxK = carry
+        k_BxHxCxK = jax.lax.dynamic_slice_in_dim(k_BxHxSxK, i * chunk, chunk, axis=2)
+        v_BxHxCxK = jax.lax.dynamic_slice_in_dim(v_BxHxSxK, i * chunk, chunk, axis=2)
+        s_BxHxC = jnp.einsum("bhk,bhck->bhc", q_BxHxK, k_BxHxCxK, preferred_element_type=jnp.float32) * scale
+        live_BxC = (i * chunk + jnp.arange(chunk))[None] <= positions_B[:, None]
+        s_BxHxC = jnp.where(live_BxC[:, None], s_BxHxC, _NEG)
+        new_m_BxH = jnp.maximum(m_BxH, s_BxHxC.max(-1))
+        alpha_BxH = jnp.exp(m_BxH - new_m_BxH)
+        p_BxHxC = jnp.exp(s_BxHxC - new_m_BxH[..., None])
+        pv_BxHxK = jnp.einsum("bhc,bhck->bhk", p_BxHxC.astype(v_BxHxCxK.dtype), v_BxHxCxK,
+                              preferred_element_type=jnp.float32)  # fmt: skip
+        return new_m_BxH, l_BxH * alpha_BxH + p_BxHxC.sum(-1), acc_BxHxK * alpha_BxH[..., None] + pv_BxHxK
+
+    init = (jnp.full((B, H), _NEG, jnp.float32), jnp.zeros((B, H), jnp.float32), jnp.zeros((B, H, K), jnp.float32))
+    _, l_BxH, acc_BxHxK = jax.lax.fori_loop(0, steps, body, init)
+    return (acc_BxHxK / l_BxH[..., None]).astype(v_BxHxSxK.dtype)[:, :, None]
 
 
 def _one_token(c: GPTConfig, dp, tokens_B, positions_B, cache, mask_Bx1xS, writer):

@@ -2,8 +2,8 @@
 
 - `prefill[T]`: one prompt, right-padded to the length bucket T, into one slot of the KV cache; returns the
   logits after its last real token and the last block's output at every position (for prompt log-probs).
-- `step[W]`: one token for every slot, each at its own position; attention reads the first W cache
-  positions, W the bucket of the longest live sequence (a step over short requests reads a short cache).
+- `step`: one token for every slot, each at its own position (`jaxlm.generation.decode.step_rows`: attention
+  over the cache CHUNK positions at a time, as far as the longest live sequence reaches).
 - `copy`: one slot's cache into another (the n choices of one prompt share its prefill).
 - `sample[R, mode]`: `jaxlm.serve.sampler.next_tokens` over R = 1 (a prefill's first token) or R = slots
   rows, `logprobs[R]` their log-probabilities; `echo`: prompt log-probs, ECHO_ROWS positions at a time.
@@ -29,6 +29,7 @@ from . import sampler
 
 MIN_BUCKET = 32
 ECHO_ROWS = 64
+CHUNK = 64  # cache positions per step of a decode step's attention loop
 
 
 def length_buckets(max_len: int) -> list[int]:
@@ -50,13 +51,14 @@ class Programs:
     def __init__(self, dp, config: GPTConfig, slots: int, max_len: int):
         self.dp, self.c, self.slots, self.max_len = dp, config, slots, max_len
         self.lengths = length_buckets(max_len)
+        self.cache_len = -(-max_len // CHUNK) * CHUNK
         self.exe: dict = {}
         self.compile_log: list[tuple[str, float]] = []
 
     # ---- state ------------------------------------------------------------------------------------------
     def new_cache(self):
         c = self.c
-        shape = (self.slots, c.n_head, self.max_len, c.head_dim)
+        shape = (self.slots, c.n_head, self.cache_len, c.head_dim)
         return [(jnp.zeros(shape, c.dtype), jnp.zeros(shape, c.dtype)) for _ in range(c.n_layer)]
 
     def new_counts(self):
@@ -76,8 +78,8 @@ class Programs:
         last_1xD = jax.lax.dynamic_index_in_dim(x_1xTxD[0], length - 1, axis=0)
         return decode.head(dp, last_1xD, c=self.c), x_1xTxD[0], cache
 
-    def _step(self, dp, cache, tokens_N, positions_N, *, window):
-        return decode.step_rows(dp, tokens_N, positions_N, cache, positions_N, c=self.c, window=window)
+    def _step(self, dp, cache, tokens_N, positions_N):
+        return decode.step_rows(dp, tokens_N, positions_N, cache, c=self.c, chunk=CHUNK)
 
     @staticmethod
     def _copy(cache, src, dst):
@@ -106,9 +108,7 @@ class Programs:
         for T in self.lengths:
             args = (self.dp, cache, S((1, T), i32), scalar, scalar)
             todo.append((("prefill", T), jax.jit(self._prefill, donate_argnums=1), args))
-        for W in self.lengths:
-            fn = jax.jit(partial(self._step, window=W), donate_argnums=1)
-            todo.append((("step", W), fn, (self.dp, cache, S((N,), i32), S((N,), i32))))
+        todo.append((("step",), jax.jit(self._step, donate_argnums=1), (self.dp, cache, S((N,), i32), S((N,), i32))))
         todo.append((("copy",), jax.jit(self._copy, donate_argnums=0), (cache, scalar, scalar)))
         for R in (1, N):
             for mode in sampler.MODES:
@@ -141,8 +141,7 @@ class Programs:
         return self.exe["prefill", T](self.dp, cache, tokens, np.int32(len(prompt)), np.int32(slot))
 
     def step(self, cache, tokens_N, positions_N):
-        W = bucket(int(positions_N.max()) + 1, self.lengths)
-        return self.exe["step", W](self.dp, cache, tokens_N, positions_N)
+        return self.exe["step",](self.dp, cache, tokens_N, positions_N)
 
     def copy(self, cache, src: int, dst: int):
         return self.exe["copy",](cache, np.int32(src), np.int32(dst))

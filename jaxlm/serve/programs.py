@@ -5,8 +5,8 @@
 - `step`: one token for every slot, each at its own position (`jaxlm.generation.decode.step_rows`: attention
   over the cache CHUNK positions at a time, as far as the longest live sequence reaches).
 - `copy`: one slot's cache into another (the n choices of one prompt share its prefill).
-- `sample[R, mode]`: `jaxlm.serve.sampler.next_tokens` over R = 1 (a prefill's first token) or R = slots
-  rows, `logprobs[R]` their log-probabilities; `echo`: prompt log-probs, ECHO_ROWS positions at a time.
+- `sample[R]`: `jaxlm.serve.sampler.next_tokens` over R = 1 (a prefill's first token) or R = slots rows,
+  `logprobs[R]` their log-probabilities; `echo`: prompt log-probs, ECHO_ROWS positions at a time.
 
 Every shape is fixed when the server starts, so nothing compiles while it serves. A row's numbers never
 depend on the other rows: the step always runs all slots (XLA:CPU's products give a row the same bits
@@ -17,7 +17,6 @@ alone at its own length bucket.
 from __future__ import annotations
 
 import time
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -98,12 +97,13 @@ class Programs:
         i32, f32, u32 = jnp.int32, jnp.float32, jnp.uint32
         S = jax.ShapeDtypeStruct
         cache = [(S(x.shape, x.dtype), S(y.shape, y.dtype)) for x, y in jax.eval_shape(self.new_cache)]
+        scalar = S((), i32)
 
         def rows(R):  # next_tokens' arguments over R rows
             per_row = (i32, bool, bool, None, i32, i32, f32, f32, i32, f32, f32)
-            return (S((R, V), f32), S((R, V), i32), *(S((R, 2), u32) if t is None else S((R,), t) for t in per_row))
+            rows = (S((R, 2), u32) if t is None else S((R,), t) for t in per_row)
+            return (S((R, V), f32), S((R, V), i32), *rows, scalar)  # the last: the mode
 
-        scalar = S((), i32)
         todo = []
         for T in self.lengths:
             args = (self.dp, cache, S((1, T), i32), scalar, scalar)
@@ -111,9 +111,8 @@ class Programs:
         todo.append((("step",), jax.jit(self._step, donate_argnums=1), (self.dp, cache, S((N,), i32), S((N,), i32))))
         todo.append((("copy",), jax.jit(self._copy, donate_argnums=0), (cache, scalar, scalar)))
         for R in (1, N):
-            for mode in sampler.MODES:
-                fn = jax.jit(partial(sampler.next_tokens, mode=mode), donate_argnums=1 if R == N else ())
-                todo.append((("sample", R, mode), fn, rows(R)))
+            fn = jax.jit(sampler.next_tokens, donate_argnums=1 if R == N else ())
+            todo.append((("sample", R), fn, rows(R)))
             todo.append((("logprobs", R), jax.jit(sampler.token_logprobs), (S((R, V), f32), S((R,), i32))))
         echo_args = (self.dp, S((ECHO_ROWS, c.n_embd), c.dtype), S((ECHO_ROWS,), i32))
         todo.append((("echo",), jax.jit(self._echo), echo_args))
@@ -148,7 +147,7 @@ class Programs:
 
     def sample(self, rows: int, mode: str, *args):
         """(tokens, counts): `jaxlm.serve.sampler.next_tokens` over `rows` rows."""
-        return self.exe["sample", rows, mode](*args)
+        return self.exe["sample", rows](*args, np.int32(sampler.MODES.index(mode)))
 
     def logprobs(self, logits_RxV, tokens_R):
         """(log-prob of each token, top 5 log-probs, their ids) of the model's own distribution."""
@@ -169,8 +168,6 @@ class Programs:
 
 def _name(key) -> str:
     what, *rest = key
-    if what == "sample":
-        return f"sample[rows={rest[0]}, {rest[1]}]"
-    if what == "logprobs":
-        return f"logprobs[rows={rest[0]}]"
+    if what in ("sample", "logprobs"):
+        return f"{what}[rows={rest[0]}]"
     return f"{what}[{rest[0]}]" if rest else what

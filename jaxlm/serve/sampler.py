@@ -1,10 +1,11 @@
 """The next token of every slot from its logits, each row under its own request's settings.
 
 One compiled program serves any mix of requests: temperature, top-p, top-k and OpenAI's penalties are
-per-row arrays. What is static, chosen per call by the engine, is how much work the mix needs: `mode`
+per-row arrays. The engine passes, per call, how much work the mix needs (`mode`, an index into MODES):
 "greedy" (every row takes the argmax), "draw" (some rows sample, none filters) or "filter" (some row has
-top-p < 1 or top-k). Log-probabilities are a program of their own (`token_logprobs`), run when some row
-wants them.
+top-p < 1 or top-k); one `lax.switch` in the same program, after the scores every mode shares, so a row's
+scores are the same bits whatever its batch-mates ask for. Log-probabilities are a program of their own
+(`token_logprobs`), run when some row wants them.
 
 Sorting the vocabulary costs more than a decode step on a CPU (XLA's sort of 32 x 50257 logits took
 longer than GPT-2 124M's step; measured in bench/bench_serve.py's notes), so nothing here sorts it:
@@ -155,7 +156,7 @@ def inverse_cdf(z_RxV, keep_RxV, u_R):
 
 def next_tokens(
     logits_RxV, counts_RxV, fed_R, fresh_R, live_R, seed_Rx2, choice_R, position_R,
-    temperature_R, top_p_R, top_k_R, presence_R, frequency_R, *, mode: str,
+    temperature_R, top_p_R, top_k_R, presence_R, frequency_R, mode,
 ):  # fmt: skip
     """(tokens [R] int32, counts).
 
@@ -168,16 +169,18 @@ def next_tokens(
     counts_RxV = counts_RxV.at[jnp.arange(R), fed_R].add(live_R.astype(counts_RxV.dtype))
     logits_RxV = logits_RxV.astype(jnp.float32)
     scores_RxV = penalised(logits_RxV, counts_RxV, presence_R, frequency_R)
-    tokens_R = jnp.argmax(scores_RxV, axis=-1).astype(jnp.int32)
-    if mode != "greedy":
+    greedy_R = jnp.argmax(scores_RxV, axis=-1).astype(jnp.int32)
+
+    def drawn(filter: bool):
         z_RxV = scores_RxV / jnp.where(temperature_R > 0, temperature_R, 1.0)[:, None]
-        if mode == "filter":
+        keep_RxV = jnp.ones(z_RxV.shape, bool)
+        if filter:
             keep_RxV = _ordered(z_RxV) >= thresholds(z_RxV, top_k_R, top_p_R, temperature_R > 0)[:, None]
-        else:
-            keep_RxV = jnp.ones(z_RxV.shape, bool)
         drawn_R = inverse_cdf(z_RxV, keep_RxV, row_uniforms(seed_Rx2, choice_R, position_R)).astype(jnp.int32)
-        tokens_R = jnp.where(temperature_R > 0, drawn_R, tokens_R)
-    return tokens_R, counts_RxV
+        return jnp.where(temperature_R > 0, drawn_R, greedy_R)
+
+    branches = {"greedy": lambda: greedy_R, "draw": lambda: drawn(False), "filter": lambda: drawn(True)}
+    return jax.lax.switch(mode, [branches[m] for m in MODES]), counts_RxV
 
 
 def token_logprobs(logits_RxV, tokens_R):

@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt tokens prefilled between two decode steps while sequences are decoding (at least one prompt)",
     )
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    p.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="leave glibc's malloc at its default of returning freed blocks to the OS (by default the server "
+        "keeps them, as the eval does: XLA:CPU's per-call buffers then stop page-faulting, and a long-running "
+        "server's memory does not creep up with fragmentation)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--no-access-log", action="store_true", help="do not log each request")
     return p
@@ -113,6 +120,10 @@ def main(argv=None) -> int:
         raise JaxlmError(f"--max-len must be in 2..{config.block_size} (the model's context), got {max_len}")
 
     sock = _listen(args.host, args.port)
+    if not args.return_freed_memory:
+        from ..cpu.allocator import keep_freed_memory
+
+        keep_freed_memory()  # before the weights load and XLA's threads start
     host, port = sock.getsockname()[:2]
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["jaxlm.serve"] = {

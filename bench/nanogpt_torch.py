@@ -10,7 +10,7 @@ scaled_dot_product_attention, exact GELU, tied head, 0.02 init) and train.py's s
 windows from the train split), on the same tokens jaxlm trains on. On CUDA it trains as nanoGPT's train.py does
 there: bfloat16 autocast around the forward pass (`--bf16`), TF32 matmuls, fused AdamW. Prints one JSON line: ms
 per iteration (first 10 iterations excluded), tokens/s, peak GPU memory, and, as nanoGPT's estimate_loss does,
-the mean val loss of 20 random batches. The process's peak RSS too. bench_train.py runs it as the nanogpt-cpu case's peer.
+the mean val loss of 20 random batches, and the peak RSS. bench_train.py runs it as the nanogpt-cpu case's peer.
 """
 
 from __future__ import annotations

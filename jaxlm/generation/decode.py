@@ -29,6 +29,8 @@ from ..model import layers
 from ..model.attention import attend
 from ..model.gpt import layer_norm
 
+_NEG = float(jnp.finfo(jnp.float32).min)  # as jaxlm.model.attention masks: finite, so nothing turns NaN
+
 
 def prepare(params, c: GPTConfig, kernels: Kernels = PORTABLE) -> dict:
     """Decode-layout weights in the compute dtype: the model's own tree with its layers unstacked (a list of
@@ -124,13 +126,28 @@ def prefill(dp, tokens_BxT, positions_BxT, valid_BxT, *, c: GPTConfig, kernels: 
 
     `valid_BxT` is False at padding, which no real token attends to. `kernels`: the record `prepare` had.
     """
+    x_BxTxD, kv = prefill_hidden(dp, tokens_BxT, positions_BxT, valid_BxT, c=c, kernels=kernels)
+    return _head(c, dp, x_BxTxD[:, -1], kernels.decode_products), kv
+
+
+def prefill_hidden(dp, tokens_BxT, positions_BxT, valid_BxT, *, c: GPTConfig, kernels: Kernels = PORTABLE):
+    """`prefill` before the LM head: (the last block's output at every position [B, T, D], per-layer (k, v)).
+
+    For callers that need logits elsewhere than the last position: right-padded prompts (a serving
+    engine's slots) or every position's log-probabilities (`head` on the rows wanted).
+    """
     x_BxTxD = _embed(c, dp, tokens_BxT, positions_BxT)
     attend_fn = partial(attend, valid_BxS=valid_BxT, kernels=kernels)
     kv = []
     for p in dp["layers"]:
         x_BxTxD, layer_kv = _block(c, p, x_BxTxD, attend_fn, lambda k, v: (k, v, (k, v)), kernels.decode_products)
         kv.append(layer_kv)
-    return _head(c, dp, x_BxTxD[:, -1], kernels.decode_products), kv
+    return x_BxTxD, kv
+
+
+def head(dp, x_BxD, *, c: GPTConfig, kernels: Kernels = PORTABLE):
+    """float32 logits [B, V] of the last block's output (ln_f, then the tied LM head)."""
+    return _head(c, dp, x_BxD, kernels.decode_products)
 
 
 def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig, kernels: Kernels = PORTABLE):
@@ -140,7 +157,6 @@ def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig, ker
     `slot` that are valid (`valid_BxS` is False at its left padding).
     """
     S = valid_BxS.shape[1]
-    x_Bx1xD = _embed(c, dp, tokens_B, positions_B)[:, None]
     mask_Bx1xS = (valid_BxS & (jnp.arange(S) <= slot))[:, None]
     zero = jnp.zeros((), jnp.int32)
 
@@ -152,9 +168,77 @@ def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig, ker
 
         return write
 
-    attend_fn = partial(attend, mask_BxTxS=mask_Bx1xS, kernels=kernels)
+    return _one_token(
+        c,
+        dp,
+        tokens_B,
+        positions_B,
+        cache,
+        partial(attend, mask_BxTxS=mask_Bx1xS, kernels=kernels),
+        write_at_slot,
+        kernels,
+    )
+
+
+def step_rows(dp, tokens_B, positions_B, cache, *, c: GPTConfig, chunk: int = 64, kernels: Kernels = PORTABLE):
+    """`step` with each row at its own cache slot: row b's key and value go to slot `positions_B[b]` (a
+    row's sequence starts at slot 0: no padding), and it attends to its slots 0..positions_B[b].
+    Returns (logits [B, V], cache).
+
+    For a serving engine, whose rows are independent requests at different lengths. Attention runs over
+    the cache `chunk` slots at a time (`attend_chunks`), only as far as the longest row reaches, and a
+    row's numbers do not depend on how far that is (the cache's S must be a multiple of `chunk`).
+    """
+    rows_B = jnp.arange(tokens_B.shape[0])
+
+    def write_at_rows(k_BxHxSxK, v_BxHxSxK):
+        def write(k_BxHx1xK, v_BxHx1xK):
+            k = k_BxHxSxK.at[rows_B, :, positions_B].set(k_BxHx1xK[:, :, 0].astype(k_BxHxSxK.dtype))
+            v = v_BxHxSxK.at[rows_B, :, positions_B].set(v_BxHx1xK[:, :, 0].astype(v_BxHxSxK.dtype))
+            return k, v, (k, v)
+
+        return write
+
+    attend_fn = partial(attend_chunks, positions_B=positions_B, chunk=chunk)
+    return _one_token(c, dp, tokens_B, positions_B, cache, attend_fn, write_at_rows, kernels)
+
+
+def attend_chunks(q_BxHx1xK, k_BxHxSxK, v_BxHxSxK, *, positions_B, chunk: int):
+    """One query per row over its cache slots 0..positions_B[b], `chunk` slots at a time (online softmax).
+
+    The loop runs only as far as the longest row reaches, and a chunk wholly past a row's position changes
+    nothing of that row's result, bit for bit (its running max stays, its weight is exactly 0): a row's
+    output is the same however long the other rows are. (One product over the slots up to a window
+    gives a row other bits at another window length on XLA:CPU for some shapes.)
+    """
+    B, H, _, K = q_BxHx1xK.shape
+    scale = 1.0 / np.sqrt(K)
+    q_BxHxK = q_BxHx1xK[:, :, 0]
+    steps = jnp.max(positions_B) // chunk + 1
+
+    def body(i, carry):
+        m_BxH, l_BxH, acc_BxHxK = carry
+        k_BxHxCxK = jax.lax.dynamic_slice_in_dim(k_BxHxSxK, i * chunk, chunk, axis=2)
+        v_BxHxCxK = jax.lax.dynamic_slice_in_dim(v_BxHxSxK, i * chunk, chunk, axis=2)
+        s_BxHxC = jnp.einsum("bhk,bhck->bhc", q_BxHxK, k_BxHxCxK, preferred_element_type=jnp.float32) * scale
+        live_BxC = (i * chunk + jnp.arange(chunk))[None] <= positions_B[:, None]
+        s_BxHxC = jnp.where(live_BxC[:, None], s_BxHxC, _NEG)
+        new_m_BxH = jnp.maximum(m_BxH, s_BxHxC.max(-1))
+        alpha_BxH = jnp.exp(m_BxH - new_m_BxH)
+        p_BxHxC = jnp.exp(s_BxHxC - new_m_BxH[..., None])
+        pv_BxHxK = jnp.einsum("bhc,bhck->bhk", p_BxHxC.astype(v_BxHxCxK.dtype), v_BxHxCxK,
+                              preferred_element_type=jnp.float32)  # fmt: skip
+        return new_m_BxH, l_BxH * alpha_BxH + p_BxHxC.sum(-1), acc_BxHxK * alpha_BxH[..., None] + pv_BxHxK
+
+    init = (jnp.full((B, H), _NEG, jnp.float32), jnp.zeros((B, H), jnp.float32), jnp.zeros((B, H, K), jnp.float32))
+    _, l_BxH, acc_BxHxK = jax.lax.fori_loop(0, steps, body, init)
+    return (acc_BxHxK / l_BxH[..., None]).astype(v_BxHxSxK.dtype)[:, :, None]
+
+
+def _one_token(c: GPTConfig, dp, tokens_B, positions_B, cache, attend_fn, writer, kernels: Kernels):
+    x_Bx1xD = _embed(c, dp, tokens_B, positions_B)[:, None]
     new_cache = []
     for p, layer_kv in zip(dp["layers"], cache, strict=True):
-        x_Bx1xD, layer_kv = _block(c, p, x_Bx1xD, attend_fn, write_at_slot(*layer_kv), kernels.decode_products)
+        x_Bx1xD, layer_kv = _block(c, p, x_Bx1xD, attend_fn, writer(*layer_kv), kernels.decode_products)
         new_cache.append(layer_kv)
     return _head(c, dp, x_Bx1xD[:, 0], kernels.decode_products), new_cache

@@ -60,21 +60,6 @@ def _cpu() -> dict:
     return {"cpu": model, "cpu_flags": [f for f in _FLAGS if f in flags], "cores": cores}
 
 
-def matmul_peak_flops(n: int = 2048, seconds: float = 1.0, dtype: str = "float32") -> float:
-    """Sustained FLOP/s of a square jitted matmul on the default device (a CPU's practical peak)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    reps, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds or reps < 2:
-        f(a, a).block_until_ready()
-        reps += 1
-    return 2 * n**3 * reps / elapsed
-
-
 def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 10) -> float:
     """Bytes/s of a jitted sum over `nbytes` (the memory read bound a decode step is held to)."""
     import jax
@@ -110,7 +95,9 @@ def machine(measure: bool = True) -> dict:
         # "in use": jaxlm's native decode kernels run for that dtype; else why not (no AVX-512, JAXLM_NATIVE=0).
         out["native_kernels"] = {d: native.unavailable(d) or "in use" for d in ("float32", "bfloat16")}
     if measure:
-        out["matmul_f32_gflops"] = round(matmul_peak_flops() / 1e9, 1)
+        from jaxlm.train.metrics import measure_matmul_flops
+
+        out["matmul_f32_gflops"] = round(measure_matmul_flops() / 1e9, 1)
         out["read_gbps"] = round(read_bandwidth() / 1e9, 1)
     return out
 

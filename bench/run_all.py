@@ -39,6 +39,8 @@ RUNS = [
     ("eval", {}, ["bench_eval.py"]),
     ("eval_head", {}, ["eval_head.py"]),
     ("profile_eval", {}, ["profile_eval.py"]),
+    ("serve", {}, ["bench_serve.py"]),
+    ("serve_soak", {}, ["soak_serve.py"]),
 ]
 
 

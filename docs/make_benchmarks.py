@@ -69,7 +69,25 @@ SCRIPTS = {
         "Padding targets per step with length buckets against padding every row to block_size, over the "
         "bundled task files (counts, no timing).",
     ),
+    "bench_serve.py": (
+        "Serving",
+        "N concurrent streaming clients (128 new tokens, greedy) against `python -m jaxlm.serve` and `transformers "
+        "serve` (continuous batching on and off) on the same random GPT-2 124M, one after the other; jaxlm's "
+        "offline Generator at the same batch; the engine's decode step against the matmul peak.",
+    ),
+    "soak_serve.py": (
+        "Serving soak",
+        "Thousands of requests with random lengths and settings, some clients disconnecting mid-stream and some "
+        "sending malformed bodies: every well-formed answer checked, slots freed, memory before and after.",
+    ),
+    "gpu.py": (
+        "The GPU check",
+        "HF parity, GPT-2 124M training (cuDNN and XLA attention, remat off/on) against nanoGPT with "
+        "torch.compile, and decode against transformers, on one GPU (docs/accelerators.md).",
+    ),
 }
+# Scripts with a section that bench/run_all.py does not run on this kind of machine, and why.
+NOT_IN_RUN_ALL = {"gpu.py": "it needs a GPU: run it on one (docs/accelerators.md)"}
 # bench/*.py files that write no result of their own, and why.
 HELPERS = {
     "record.py": "writes a result: the machine, versions, commit, command, date and rows",
@@ -216,20 +234,39 @@ def render(results: Path = RESULTS) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+# Pages that show one result's section between `<!-- NAME-table -->` and `<!-- /NAME-table -->` (result NAME).
+EMBEDS = {ROOT / "docs" / "serving.md": "serve"}
+
+
+def embedded(page: str, name: str, results: Path = RESULTS) -> str:
+    """`page` with result `name`'s section (its heading one level down) between its markers."""
+    start, end = f"<!-- {name}-table -->", f"<!-- /{name}-table -->"
+    if start not in page or end not in page:
+        return page
+    found = [r for r in load(results) if r["name"] == name]
+    body = [("#" + line if line.startswith("## ") else line) for line in section(found[0])] if found else []
+    before, rest = page.split(start, 1)
+    return before + start + "\n" + "\n".join(body) + end + rest.split(end, 1)[1]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="fail if the page is out of date")
     p.add_argument("--results", type=Path, default=RESULTS, help="the results folder (default bench/results)")
     p.add_argument("--out", type=Path, default=OUT, help="the page (default docs/benchmarks.md)")
     args = p.parse_args()
-    text = render(args.results)
+    pages = {args.out: render(args.results)}
+    pages |= {page: embedded(page.read_text(), name, args.results) for page, name in EMBEDS.items() if page.is_file()}
     if args.check:
-        if not args.out.is_file() or args.out.read_text() != text:
-            print(f"{args.out.name} is out of date: run python docs/make_benchmarks.py", file=sys.stderr)
+        stale = [p.name for p, text in pages.items() if not p.is_file() or p.read_text() != text]
+        if stale:
+            print(f"{', '.join(stale)} is out of date: run python docs/make_benchmarks.py", file=sys.stderr)
             return 1
         return 0
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    for page, text in pages.items():
+        if not page.is_file() or page.read_text() != text:
+            page.write_text(text)
+            print(f"wrote {page}")
     return 0
 
 

@@ -57,6 +57,8 @@ def _parser(name: str) -> argparse.ArgumentParser:
         from jaxlm.eval.cli import build_parser
     elif name == "convert":
         from jaxlm.io.convert import build_parser
+    elif name == "serve":
+        from jaxlm.serve.cli import build_parser
     return build_parser()
 
 
@@ -68,6 +70,7 @@ COMMANDS = {
     "jaxlm.eval": lambda argv: _parser("eval").parse_intermixed_args(argv),
     "jaxlm.convert": lambda argv: _parser("convert").parse_args(argv),
     "jaxlm-convert": lambda argv: _parser("convert").parse_args(argv),  # the installed entry point
+    "jaxlm.serve": lambda argv: _parser("serve").parse_args(argv),
     "jaxlm.aot": lambda argv: _aot_args(argv),  # its own flags, then train.py's, validated as train.py does
 }
 

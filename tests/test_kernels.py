@@ -244,11 +244,15 @@ from jaxlm.train.runtime import host_layout
 values = dict(mesh=None, init_from="scratch", n_layer=4, n_embd=128, batch_size=16, vocab_size=65, dataset="x",
               out_dir="out")
 found = {}
-for name, platforms in (("cpu", None), ("tpu", "tpu,cpu"), ("cuda", "cuda"), ("plugin", None)):
+sys.modules["libtpu"] = None  # a host without libtpu (the test extra installs it): find_spec finds nothing
+for name, platforms in (("cpu", None), ("tpu", "tpu,cpu"), ("cuda", "cuda"), ("libtpu", None), ("plugin", None)):
     os.environ.pop("JAX_PLATFORMS", None)
     if platforms:
         os.environ["JAX_PLATFORMS"] = platforms
+    if name == "libtpu":  # libtpu installed, as `pip install jaxlm[tpu]` does
+        os.environ["TPU_LIBRARY_PATH"] = "libtpu.so"
     if name == "plugin":  # a jax_plugins namespace package, as an accelerator plugin installs
+        os.environ.pop("TPU_LIBRARY_PATH")
         sys.path.insert(0, sys.argv[1])
         importlib.invalidate_caches()
     found[name] = [expected_platform(), host_layout(values)]
@@ -261,7 +265,8 @@ def test_host_tunings_follow_the_platform_the_command_will_use(tmp_path):
     JAX_PLATFORMS names an accelerator or an accelerator plugin is installed (only JAX could tell then)."""
     (tmp_path / "jax_plugins" / "fake_accelerator").mkdir(parents=True)
     (tmp_path / "jax_plugins" / "fake_accelerator" / "__init__.py").write_text("")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_PLATFORMS")}
+    drop = ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_PLATFORMS", "TPU_LIBRARY_PATH", "PJRT_NAMES_AND_LIBRARY_PATHS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     r = subprocess.run(
         [sys.executable, "-c", PROBE, str(tmp_path)], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
         text=True, timeout=300,
@@ -269,7 +274,7 @@ def test_host_tunings_follow_the_platform_the_command_will_use(tmp_path):
     assert r.returncode == 0, r.stderr
     found, started = json.loads(r.stdout.strip().splitlines()[-1])
     assert not started  # decided without starting JAX
-    for name, platform in (("cpu", "cpu"), ("tpu", "tpu"), ("cuda", "gpu"), ("plugin", None)):
+    for name, platform in (("cpu", "cpu"), ("tpu", "tpu"), ("cuda", "gpu"), ("libtpu", None), ("plugin", None)):
         expected, layout = found[name]
         cpu = platform == "cpu"
         assert expected == platform, name

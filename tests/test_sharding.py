@@ -134,7 +134,7 @@ def test_mesh_errors_are_clear():
 def test_indivisible_dimension_names_the_parameter():
     r = run_py(
         "-c",
-        "from jaxlm import sharding, GPTConfig\n"
+        "from jaxlm import GPTConfig\nfrom jaxlm.parallel import sharding\n"
         "c = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=36)\n"
         "sharding.param_shardings(c, sharding.make_mesh('fsdp=8'))",
         env=EIGHT,

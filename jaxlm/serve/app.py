@@ -251,10 +251,11 @@ async def _whole(request: Request, job: Job):
         job.cancel()
 
 
-async def _stream_completion(job: Job, shaper: Shaper, prefix: list[str]):
+def _stream_completion(job: Job, shaper: Shaper, prefix: list[str]):
     offsets = [0] * len(job.choices)
     echoed = [False] * len(job.choices)
-    try:
+
+    async def chunks():
         async for updates in job.updates():
             for u in updates:
                 i = u.choice.index
@@ -265,17 +266,12 @@ async def _stream_completion(job: Job, shaper: Shaper, prefix: list[str]):
                     lp = shaper.completion_logprobs(u.entries, offsets[i])
                     offsets[i] += sum(len(t) for t in lp["tokens"])
                 yield sse(shaper.completion_chunk(i, text, lp, u.finish))
-        if shaper.include_usage:
-            yield sse(shaper.usage_chunk(job.usage()))
-    except EngineError as e:
-        yield sse(error_body(500, f"the engine failed: {e}"))
-    finally:
-        job.cancel()
-    yield DONE
+
+    return _framed(job, shaper, chunks())
 
 
-async def _stream_chat(job: Job, shaper: Shaper):
-    try:
+def _stream_chat(job: Job, shaper: Shaper):
+    async def chunks():
         for c in job.choices:
             yield sse(shaper.chat_chunk(c.index, {"role": "assistant", "content": ""}, None, None))
         async for updates in job.updates():
@@ -283,6 +279,16 @@ async def _stream_chat(job: Job, shaper: Shaper):
                 delta = {"content": u.text} if u.text or u.finish is None else {}
                 lp = None if u.choice.want is None else shaper.chat_logprobs(u.entries, u.choice.want)
                 yield sse(shaper.chat_chunk(u.choice.index, delta, lp, u.finish))
+
+    return _framed(job, shaper, chunks())
+
+
+async def _framed(job: Job, shaper: Shaper, chunks):
+    """A stream's events, then usage when asked for and [DONE]; an engine failure is the last event, and the
+    job is cancelled however the stream ends (a client that goes away frees its slot)."""
+    try:
+        async for event in chunks:
+            yield event
         if shaper.include_usage:
             yield sse(shaper.usage_chunk(job.usage()))
     except EngineError as e:

@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 
@@ -216,7 +215,3 @@ def _load(args, state, source, max_len, chat, url):
 
 def cli() -> int:
     return run_cli(main)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

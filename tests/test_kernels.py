@@ -245,6 +245,7 @@ values = dict(mesh=None, init_from="scratch", n_layer=4, n_embd=128, batch_size=
               out_dir="out")
 found = {}
 sys.modules["libtpu"] = None  # a host without libtpu (the test extra installs it): find_spec finds nothing
+os.environ.pop("TPU_LIBRARY_PATH", None)  # which importing jax sets where libtpu is installed
 for name, platforms in (("cpu", None), ("tpu", "tpu,cpu"), ("cuda", "cuda"), ("libtpu", None), ("plugin", None)):
     os.environ.pop("JAX_PLATFORMS", None)
     if platforms:

@@ -255,7 +255,9 @@ def main():
         rss_growth_pct=round(100 * (after / before - 1), 2), problems=len(problems),
         tracebacks=log_text.count("Traceback"), exit_code=server.proc.returncode,
     )  # fmt: skip
-    ok = (not problems and summary["health_after"]["slots_busy"] == 0 and summary["health_after"]["queue"] == 0
+    health = summary.pop("health_after")  # a result's rows are flat
+    summary.update(slots_busy_after=health["slots_busy"], queue_after=health["queue"])
+    ok = (not problems and summary["slots_busy_after"] == 0 and summary["queue_after"] == 0
           and abs(summary["rss_growth_pct"]) <= 5 and summary["tracebacks"] == 0)  # fmt: skip
     summary["passed"] = ok
     for p in problems[:20]:

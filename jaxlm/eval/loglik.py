@@ -29,6 +29,7 @@ from ..cpu.eval_head import (
 )
 from ..kernels import Kernels, placed_on, resolve
 from ..model.gpt import GPT
+from ..utils.buckets import bucket, buckets
 
 
 @dataclass(frozen=True)
@@ -93,18 +94,6 @@ def rolling_requests(token_ids, prefix_id: int, block_size: int) -> list[Request
     return out
 
 
-def _buckets(limit: int, smallest: int = 16) -> list[int]:
-    sizes, b = [], smallest
-    while b < limit:
-        sizes.append(b)
-        b *= 2
-    return sizes + [limit]
-
-
-def _bucket(n: int, sizes: list[int]) -> int:
-    return next(b for b in sizes if b >= n)
-
-
 class Scorer:
     """Owns the jitted scoring function for one model; `compiles` counts the shapes it compiled.
 
@@ -132,7 +121,7 @@ class Scorer:
             batch_tokens = self.kernels.eval_batch_tokens
         self.params, self.config, self.batch_size, self.batch_tokens = params, config, batch_size, batch_tokens
         self.head_rows = CPU_HEAD_ROWS if self.kernels.eval_head == "cpu_chunked" else None
-        self.t_buckets = _buckets(config.block_size)
+        self.t_buckets = buckets(config.block_size, 16)
         self.shapes: set[tuple[int, int, int]] = set()
         self._fn = jax.jit(self._score)
 
@@ -172,11 +161,11 @@ class Scorer:
         """Sequences per batch for inputs of `n_tokens` (before padding to the length bucket)."""
         if not self.batch_tokens:
             return self.batch_size
-        return max(1, min(self.batch_size, self.batch_tokens // _bucket(n_tokens, self.t_buckets)))
+        return max(1, min(self.batch_size, self.batch_tokens // bucket(n_tokens, self.t_buckets)))
 
     def _dispatch(self, batch: list[Request], B: int):
-        T = _bucket(max(len(r.tokens) - 1 for r in batch), self.t_buckets)
-        H = _bucket(max(r.n_score for r in batch), _buckets(T, smallest=8))
+        T = bucket(max(len(r.tokens) - 1 for r in batch), self.t_buckets)
+        H = bucket(max(r.n_score for r in batch), buckets(T, 8))
         inputs = np.zeros((B, T), np.int32)  # right padding: causal attention never looks at it
         index = np.zeros((B, H), np.int32)
         targets = np.zeros((B, H), np.int32)

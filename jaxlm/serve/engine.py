@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .programs import Programs, bucket
+from ..utils.buckets import bucket
+from .programs import Programs
 
 log = logging.getLogger("jaxlm.serve")
 

@@ -25,24 +25,12 @@ import numpy as np
 from ..config import GPTConfig
 from ..generation import decode
 from ..kernels import PORTABLE, Kernels
+from ..utils.buckets import bucket, buckets
 from . import sampler
 
 MIN_BUCKET = 32
 ECHO_ROWS = 64
 CHUNK = 64  # cache positions per step of a decode step's attention loop
-
-
-def length_buckets(max_len: int) -> list[int]:
-    """Powers of two from MIN_BUCKET, then `max_len` itself."""
-    sizes, b = [], MIN_BUCKET
-    while b < max_len:
-        sizes.append(b)
-        b *= 2
-    return sizes + [max_len]
-
-
-def bucket(n: int, sizes: list[int]) -> int:
-    return next(b for b in sizes if b >= n)
 
 
 class Programs:
@@ -51,7 +39,7 @@ class Programs:
     def __init__(self, dp, config: GPTConfig, slots: int, max_len: int, kernels: Kernels = PORTABLE):
         self.dp, self.c, self.slots, self.max_len = dp, config, slots, max_len
         self.kernels = kernels  # the record `dp` was prepared with (its decode products, the prompt's attention)
-        self.lengths = length_buckets(max_len)
+        self.lengths = buckets(max_len, MIN_BUCKET)
         self.cache_len = -(-max_len // CHUNK) * CHUNK
         self.exe: dict = {}
         self.compile_log: list[tuple[str, float]] = []

@@ -1,0 +1,17 @@
+"""Shape buckets: a few padded lengths, so a jitted program compiles once per bucket, not once per length."""
+
+from __future__ import annotations
+
+
+def buckets(limit: int, smallest: int) -> list[int]:
+    """Powers of two from `smallest` below `limit`, then `limit` itself."""
+    sizes, b = [], smallest
+    while b < limit:
+        sizes.append(b)
+        b *= 2
+    return sizes + [limit]
+
+
+def bucket(n: int, sizes: list[int]) -> int:
+    """The smallest of `sizes` (ascending) that holds `n`."""
+    return next(b for b in sizes if b >= n)

@@ -1,8 +1,28 @@
-"""The test session runs JAX on the CPU: libtpu (in the test extra, for tests/test_aot.py's TPU compiles) would
-otherwise be probed by every JAX process, costing ~0.6 s and a screenful of warnings on a machine with no TPU.
-Compiling for a TPU topology still works under it (libtpu is loaded when a topology is asked for). Subprocesses
-inherit it through the environment."""
+"""The test session's JAX settings, set before anything imports JAX; subprocesses and xdist's workers (started
+after this runs in the controlling process) inherit them through the environment.
+
+- JAX runs on the CPU: libtpu (in the test extra, for tests/test_aot.py's TPU compiles) would otherwise be probed
+  by every JAX process, costing ~0.6 s and a screenful of warnings on a machine with no TPU. Compiling for a TPU
+  topology still works under it (libtpu is loaded when a topology is asked for).
+- One persistent compilation cache for the session, every program kept: the suite compiles the same tiny steps
+  in many processes (each train.py run, each resume), and a program compiled once is then loaded, not compiled
+  again. It starts empty, so a run tests nothing a previous run left behind; it is removed at the end.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="jaxlm-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+else:
+    _CACHE = None  # the caller's (or, in an xdist worker, the controlling process's)
+
+
+def pytest_unconfigure(config):
+    if _CACHE is not None and not hasattr(config, "workerinput"):
+        shutil.rmtree(_CACHE, ignore_errors=True)

@@ -22,8 +22,8 @@ from jaxlm.parallel import distributed, sharding
 from jaxlm.train.step import batch_sharding
 
 TINY = dict(
-    n_layer=2, n_head=4, n_embd=64, block_size=32, batch_size=8, max_iters=6, warmup_iters=2, lr_decay_iters=6,
-    learning_rate=1e-3, log_interval=1, eval_interval=6, eval_iters=1, tensorboard=False, dataset="shakespeare_char",
+    n_layer=2, n_head=4, n_embd=64, block_size=32, batch_size=8, max_iters=4, warmup_iters=2, lr_decay_iters=4,
+    learning_rate=1e-3, log_interval=1, eval_interval=4, eval_iters=1, tensorboard=False, dataset="shakespeare_char",
     mesh="data=4,fsdp=2",
 )  # fmt: skip
 

@@ -4,10 +4,10 @@
 
 For each mesh ("single" = no mesh flag; "lora:MESH" = LoRA r=4 on c_attn,c_proj,c_fc of a fixed random
 base, the adapters then being the "shards" reported; "permuted:MESH" = MESH over a shuffled device order, with
---peak-flops 1e12 and each train row's "rows" {"tokens_per_s", "mfu"}), trains the same tiny model 10 steps
+--peak-flops 1e12 and each train row's "rows" {"tokens_per_s", "mfu"}), trains the same tiny model STEPS (6) steps
 into OUT_ROOT/<mesh>, and prints one JSON line: {mesh: {"losses": [...], "shards": {param: shard shape}, ...}}.
 Then: the first mesh's run is restored onto every other mesh (params saved to OUT_ROOT/restored-<mesh>.npz,
-with their shard shapes), and a run of 5 steps on the first mesh is resumed to 10 on the last ("resumed").
+with their shard shapes), and a run of 3 steps on the first mesh is resumed to 6 on the last ("resumed").
 """
 
 import json
@@ -21,18 +21,19 @@ import jaxlm.train as trainer
 from jaxlm.config import GPTConfig, TrainConfig
 from jaxlm.parallel import sharding
 
+STEPS = 6
 TINY = dict(
     n_layer=2,
     n_head=4,
     n_embd=64,
     block_size=32,
     batch_size=8,
-    max_iters=10,
+    max_iters=STEPS,
     warmup_iters=2,
-    lr_decay_iters=10,
+    lr_decay_iters=STEPS,
     learning_rate=1e-3,
     log_interval=1,
-    eval_interval=10,
+    eval_interval=STEPS,
     eval_iters=1,
     tensorboard=False,
     dataset="shakespeare_char",
@@ -99,8 +100,8 @@ def main():
         flat = {k: np.asarray(v) for k, v in _flatten(params).items()}
         np.savez(root / f"restored-{_name(mesh)}.npz", **flat)
     out = root / "resumed"
-    trainer.train(config_for(out, None if first == "single" else first, max_iters=5), log=lambda *a, **k: None)
-    cfg = config_for(out, None if last == "single" else last, init_from="resume", max_iters=10)
+    trainer.train(config_for(out, None if first == "single" else first, max_iters=STEPS // 2), log=lambda *a, **k: None)
+    cfg = config_for(out, None if last == "single" else last, init_from="resume", max_iters=STEPS)
     trainer.train(cfg, explicit=frozenset({"init_from", "max_iters", "mesh"}), log=lambda *a, **k: None)
     report["resumed"] = {"losses": losses(out)}
     print("RESULT " + json.dumps(report))

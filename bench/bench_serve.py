@@ -222,20 +222,20 @@ def step_row(model, dtype, rows: int, window: int, peak_gflops: float, log) -> d
     import jaxlm
     from jaxlm.generation import decode
     from jaxlm.kernels import placed_on, resolve
-    from jaxlm.serve.programs import Programs
+    from jaxlm.serve.programs import Programs, for_serving
 
     config, params = jaxlm.load(model)
     config = config.replace(dtype=dtype, param_dtype=dtype)
-    kernels = resolve(placed_on(params), dtype=config.dtype, decode=True)  # as python -m jaxlm.serve picks
+    kernels = for_serving(resolve(placed_on(params), dtype=config.dtype, decode=True))  # as jaxlm.serve picks
     p = Programs(decode.prepare(params, config, kernels), config, rows, window, kernels)
-    p.compile_all(only=lambda key: key == ("step",))
+    p.compile_all(only=lambda key: key == ("step", rows))
     cache = p.new_cache()
     tokens = np.zeros(rows, np.int32)
     positions = np.full(rows, window - 1, np.int32)
     times = []
     for _ in range(12):
         t0 = time.perf_counter()
-        logits, cache = p.step(cache, tokens, positions)
+        logits, cache = p.step(cache, np.arange(rows, dtype=np.int32), tokens, positions)
         jax.block_until_ready(logits)
         times.append(time.perf_counter() - t0)
     ms = 1000 * statistics.median(times[2:])
@@ -254,7 +254,7 @@ def main():
     ap.add_argument("--clients", default="1,8,32,64")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtypes", default="float32,bfloat16", help="jaxlm's rows (transformers serve: float32)")
-    ap.add_argument("--slots", type=int, default=64, help="jaxlm.serve --slots (every step decodes this many rows)")
+    ap.add_argument("--slots", type=int, default=64, help="jaxlm.serve --slots (a step runs the busy ones)")
     ap.add_argument("--max-len", type=int, default=256, help="jaxlm.serve --max-len (prompts + 128 fit in 256)")
     ap.add_argument("--plain-clients", default="1,8", help="levels for transformers serve without batching")
     ap.add_argument("--no-transformers", action="store_true")

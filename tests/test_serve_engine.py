@@ -15,6 +15,7 @@ import jaxlm
 from jaxlm.generation import decode
 from jaxlm.kernels import placed_on, resolve
 from jaxlm.serve import sampler
+from jaxlm.serve.programs import for_serving
 from jaxlm.serve.text import TextOut
 from jaxlm.tokenizer import GPT2Tokenizer
 
@@ -26,13 +27,13 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     save_random_hf(path, seed=0, **TINY)
     config, params = jaxlm.load(path)
-    kernels = resolve(placed_on(params), dtype=config.dtype, decode=True)  # as python -m jaxlm.serve picks
+    kernels = for_serving(resolve(placed_on(params), dtype=config.dtype, decode=True))  # as python -m jaxlm.serve picks
     return config, decode.prepare(params, config, kernels), kernels
 
 
 def test_a_rows_logits_do_not_depend_on_the_other_rows_or_its_slot(tiny):
-    """However far the other rows reach (so however many cache chunks the step attends over) and whichever
-    slot the row is in, its logits are the same bits."""
+    """However far the other rows reach (so however many cache chunks the step attends over), whichever
+    slot the row is in, and however many rows the step runs, its logits are the same bits."""
     config, dp, kernels = tiny
     N, S = 8, 128
     rng = np.random.default_rng(0)
@@ -52,6 +53,13 @@ def test_a_rows_logits_do_not_depend_on_the_other_rows_or_its_slot(tiny):
         where[slot] = 40
         logits = np.asarray(step(dp, tokens[order], jnp.asarray(where), moved)[0])
         assert np.array_equal(logits[slot], alone)
+    # a step over fewer rows than the cache holds (the engine's row buckets), the row in any of them
+    for R, slots in ((2, [5, 0]), (4, [2, 6, 0, 1]), (2, [0, 3])):
+        r = slots.index(0)
+        rows = jnp.asarray(slots, jnp.int32)
+        pos = jnp.asarray([40 if s == 0 else 90 for s in slots], jnp.int32)
+        logits = np.asarray(step(dp, tokens[rows], pos, cache, slots_B=rows)[0])
+        assert logits.shape[0] == R and np.array_equal(logits[r], alone), slots
     # and the step is the model: the same token at the same place as decode.step's (one shared slot)
     valid = jnp.ones((N, S), bool)
     ref = decode.step(dp, tokens, jnp.full((N,), 40), cache, jnp.int32(40), valid, c=config, kernels=kernels)[0]

@@ -29,7 +29,11 @@ def test_503_while_loading_then_sigterm_finishes_what_is_in_flight(tiny_model, s
             assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading" and r.headers["retry-after"]
             s.wait_ready(300)
             log = s.text()
-            assert "compiled prefill[32] in" in log and "compiled step in" in log
+            assert (
+                "compiled prefill[32] in" in log
+                and "compiled step[rows=2] in" in log
+                and "compiled step[rows=8] in" in log
+            )
             assert "programs in" in log and "ready in" in log
             # three choices decoding in two streams; then SIGTERM
             with (

@@ -180,31 +180,35 @@ def step(dp, tokens_B, positions_B, cache, slot, valid_BxS, *, c: GPTConfig, ker
     )
 
 
-def step_rows(dp, tokens_B, positions_B, cache, *, c: GPTConfig, chunk: int = 64, kernels: Kernels = PORTABLE):
-    """`step` with each row at its own cache slot: row b's key and value go to slot `positions_B[b]` (a
-    row's sequence starts at slot 0: no padding), and it attends to its slots 0..positions_B[b].
-    Returns (logits [B, V], cache).
+def step_rows(
+    dp, tokens_B, positions_B, cache, *, c: GPTConfig, chunk: int = 64, kernels: Kernels = PORTABLE, slots_B=None
+):
+    """`step` with each row at its own cache slot: row b's key and value go to slot `positions_B[b]` of cache row
+    `slots_B[b]` (None: row b; a row's sequence starts at slot 0: no padding), and it attends to its slots
+    0..positions_B[b]. Returns (logits [B, V], cache). The cache may hold more rows than the step runs.
 
     For a serving engine, whose rows are independent requests at different lengths. Attention runs over
     the cache `chunk` slots at a time (`attend_chunks`), only as far as the longest row reaches, and a
     row's numbers do not depend on how far that is (the cache's S must be a multiple of `chunk`).
     """
-    rows_B = jnp.arange(tokens_B.shape[0])
+    if slots_B is None:
+        slots_B = jnp.arange(tokens_B.shape[0])
 
-    def write_at_rows(k_BxHxSxK, v_BxHxSxK):
+    def write_at_rows(k_NxHxSxK, v_NxHxSxK):
         def write(k_BxHx1xK, v_BxHx1xK):
-            k = k_BxHxSxK.at[rows_B, :, positions_B].set(k_BxHx1xK[:, :, 0].astype(k_BxHxSxK.dtype))
-            v = v_BxHxSxK.at[rows_B, :, positions_B].set(v_BxHx1xK[:, :, 0].astype(v_BxHxSxK.dtype))
+            k = k_NxHxSxK.at[slots_B, :, positions_B].set(k_BxHx1xK[:, :, 0].astype(k_NxHxSxK.dtype))
+            v = v_NxHxSxK.at[slots_B, :, positions_B].set(v_BxHx1xK[:, :, 0].astype(v_NxHxSxK.dtype))
             return k, v, (k, v)
 
         return write
 
-    attend_fn = partial(attend_chunks, positions_B=positions_B, chunk=chunk)
+    attend_fn = partial(attend_chunks, positions_B=positions_B, chunk=chunk, slots_B=slots_B)
     return _one_token(c, dp, tokens_B, positions_B, cache, attend_fn, write_at_rows, kernels)
 
 
-def attend_chunks(q_BxHx1xK, k_BxHxSxK, v_BxHxSxK, *, positions_B, chunk: int):
-    """One query per row over its cache slots 0..positions_B[b], `chunk` slots at a time (online softmax).
+def attend_chunks(q_BxHx1xK, k_NxHxSxK, v_NxHxSxK, *, positions_B, chunk: int, slots_B=None):
+    """One query per row over its cache slots 0..positions_B[b] (of cache row `slots_B[b]`; None: row b),
+    `chunk` slots at a time (online softmax).
 
     The loop runs only as far as the longest row reaches, and a chunk wholly past a row's position changes
     nothing of that row's result, bit for bit (its running max stays, its weight is exactly 0): a row's
@@ -216,10 +220,13 @@ def attend_chunks(q_BxHx1xK, k_BxHxSxK, v_BxHxSxK, *, positions_B, chunk: int):
     q_BxHxK = q_BxHx1xK[:, :, 0]
     steps = jnp.max(positions_B) // chunk + 1
 
+    def rows(x_NxHxCxK):  # the chunk of the rows this step runs
+        return x_NxHxCxK if slots_B is None else x_NxHxCxK[slots_B]
+
     def body(i, carry):
         m_BxH, l_BxH, acc_BxHxK = carry
-        k_BxHxCxK = jax.lax.dynamic_slice_in_dim(k_BxHxSxK, i * chunk, chunk, axis=2)
-        v_BxHxCxK = jax.lax.dynamic_slice_in_dim(v_BxHxSxK, i * chunk, chunk, axis=2)
+        k_BxHxCxK = rows(jax.lax.dynamic_slice_in_dim(k_NxHxSxK, i * chunk, chunk, axis=2))
+        v_BxHxCxK = rows(jax.lax.dynamic_slice_in_dim(v_NxHxSxK, i * chunk, chunk, axis=2))
         s_BxHxC = jnp.einsum("bhk,bhck->bhc", q_BxHxK, k_BxHxCxK, preferred_element_type=jnp.float32) * scale
         live_BxC = (i * chunk + jnp.arange(chunk))[None] <= positions_B[:, None]
         s_BxHxC = jnp.where(live_BxC[:, None], s_BxHxC, _NEG)
@@ -232,7 +239,7 @@ def attend_chunks(q_BxHx1xK, k_BxHxSxK, v_BxHxSxK, *, positions_B, chunk: int):
 
     init = (jnp.full((B, H), _NEG, jnp.float32), jnp.zeros((B, H), jnp.float32), jnp.zeros((B, H, K), jnp.float32))
     _, l_BxH, acc_BxHxK = jax.lax.fori_loop(0, steps, body, init)
-    return (acc_BxHxK / l_BxH[..., None]).astype(v_BxHxSxK.dtype)[:, :, None]
+    return (acc_BxHxK / l_BxH[..., None]).astype(v_NxHxSxK.dtype)[:, :, None]
 
 
 def _one_token(c: GPTConfig, dp, tokens_B, positions_B, cache, attend_fn, writer, kernels: Kernels):

@@ -181,7 +181,7 @@ def _load(args, state, source, max_len, chat, url):
     from ..tokenizer import from_spec
     from .app import Served
     from .engine import Engine
-    from .programs import Programs
+    from .programs import Programs, for_serving
 
     if jax.config.jax_compilation_cache_dir is None:
         from ..utils.cache import cache_dir
@@ -192,7 +192,7 @@ def _load(args, state, source, max_len, chat, url):
     if args.dtype != config.dtype:
         config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
     tokenizer = from_spec(spec)
-    kernels = resolve_kernels(placed_on(params), dtype=config.dtype, attention=args.attention, decode=True)
+    kernels = for_serving(resolve_kernels(placed_on(params), dtype=config.dtype, attention=args.attention, decode=True))
     dp = decode.prepare(params, config, kernels)
     del params
     log.info("loaded %s in %.1f s (%s, %d layers, d=%d)", args.model, time.perf_counter() - t0, config.dtype,

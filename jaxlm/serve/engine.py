@@ -2,11 +2,12 @@
 
 Sequences wait in a FIFO queue. Between two decode steps the engine admits waiting sequences into free
 slots: each prompt is prefilled alone (its length bucket) straight into its slot's KV cache and its first
-token drawn at once; then one step decodes a token for every busy slot. While any slot is decoding, one
-gap admits prompts up to `prefill_budget` tokens (at least one prompt), so the others wait at most that
-long for their next token; the n choices of one prompt share its prefill (a cache copy). Each slot's
-sampling settings, penalties, seed, stop ids and length are rows of arrays handed to the step, so one
-compiled program serves any mix of requests (`jaxlm.serve.programs`).
+token drawn at once; then one step decodes a token for every busy slot (their count rounded up to a row
+bucket of the programs). While any slot is decoding, one gap admits prompts up to `prefill_budget` tokens
+(at least one prompt), so the others wait at most that long for their next token; the n choices of one
+prompt share its prefill (a cache copy). Each slot's sampling settings, penalties, seed, stop ids and
+length are rows of arrays handed to the step, so the programs compiled at start serve any mix of requests
+(`jaxlm.serve.programs`).
 
 A slot is freed when its sequence reaches `max_tokens`, draws a stop id, or is cancelled (its client
 left, or a stop string ended it; checked before every step). The device thread does no text work: it
@@ -189,7 +190,7 @@ class Engine:
         rows = self._rows([i], position=np.array([T], np.int32))
         zeros = np.zeros((1, self.p.c.vocab_size), np.int32)
         no = np.zeros(1, bool)
-        out = self.p.sample(1, _mode([seq]), logits, zeros, np.zeros(1, np.int32), no, no, *rows)
+        out = self.p.sample(_mode([seq]), logits, zeros, np.zeros(1, np.int32), no, no, *rows)
         if seq.logprobs:
             out = (*out, *self.p.logprobs(logits, out[0]))
         self.pos[i], self.fresh[i] = T - 1, True  # _deliver moves it on to the drawn token at T
@@ -210,25 +211,30 @@ class Engine:
                 self.presence[idx], self.frequency[idx])  # fmt: skip
 
     def _step(self):
-        live = np.array([s is not None for s in self.slots])
-        running = [s for s in self.slots if s is not None]
-        logits, self.cache = self.p.step(self.cache, self.fed, self.pos)
-        rows = self._rows(slice(None), position=self.pos + 1)
-        out = self.p.sample(self.N, _mode(running), logits, self.counts, self.fed, self.fresh & live, live, *rows)
+        """One token for every busy slot: the step runs a row bucket's worth of slots, the busy ones first,
+        then free ones (they draw nothing and write only into their own, unused, cache rows)."""
+        busy = [i for i, s in enumerate(self.slots) if s is not None]
+        R = bucket(len(busy), self.p.rows)
+        idx = np.array(busy + [i for i, s in enumerate(self.slots) if s is None][: R - len(busy)], np.int32)
+        live = np.arange(R) < len(busy)
+        running = [self.slots[i] for i in busy]
+        logits, self.cache = self.p.step(self.cache, idx, self.fed[idx], self.pos[idx])
+        rows = self._rows(idx, position=self.pos[idx] + 1)
+        out = self.p.draw(_mode(running), logits, self.counts, idx, self.fed[idx], self.fresh[idx] & live, live, *rows)
         self.counts = out[1]
         if any(s.logprobs for s in running):
             out = (*out, *self.p.logprobs(logits, out[0]))
         self.fresh[:] = False
         self.steps += 1
-        self._deliver(running, out)
+        self._deliver(running, out, range(len(busy)))
 
-    def _deliver(self, seqs, out, first=()):
-        """Hand each sequence its new token (after `first` events), move its slot on to feed it; free the
-        slots of those that ended."""
+    def _deliver(self, seqs, out, rows=None, first=()):
+        """Hand each sequence its new token (from row `rows[j]` of `out` for the j-th sequence; None: row 0,
+        a prefill's), after `first` events; move its slot on to feed it; free the slots of those that ended."""
         tokens = np.asarray(out[0])
         lp, top, top_ids = (np.asarray(x) for x in out[2:]) if len(out) > 2 else (None, None, None)
-        for s in seqs:
-            r = 0 if len(tokens) == 1 else s.slot
+        for j, s in enumerate(seqs):
+            r = 0 if rows is None else rows[j]
             tok = int(tokens[r])
             s.last, s.generated = tok, s.generated + 1
             self.fed[s.slot], self.pos[s.slot] = tok, self.pos[s.slot] + 1

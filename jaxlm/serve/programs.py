@@ -2,20 +2,24 @@
 
 - `prefill[T]`: one prompt, right-padded to the length bucket T, into one slot of the KV cache; returns the
   logits after its last real token and the last block's output at every position (for prompt log-probs).
-- `step`: one token for every slot, each at its own position (`jaxlm.generation.decode.step_rows`: attention
-  over the cache CHUNK positions at a time, as far as the longest live sequence reaches).
+- `step[R]`: one token for each of R busy slots (the slots named by the call, R a row bucket: powers of two from
+  2, then the slot count), each at its own position (`jaxlm.generation.decode.step_rows`: attention over the
+  cache CHUNK positions at a time, as far as the longest live sequence reaches); `draw[R]`: their next tokens
+  (`jaxlm.serve.sampler.next_tokens` over those slots' rows of the token counts).
 - `copy`: one slot's cache into another (the n choices of one prompt share its prefill).
-- `sample[R]`: `jaxlm.serve.sampler.next_tokens` over R = 1 (a prefill's first token) or R = slots rows,
-  `logprobs[R]` their log-probabilities; `echo`: prompt log-probs, ECHO_ROWS positions at a time.
+- `sample[1]`: a prefill's first token; `logprobs[R]` log-probabilities of 1 or R rows; `echo`: prompt
+  log-probs, ECHO_ROWS positions at a time.
 
-Every shape is fixed when the server starts, so nothing compiles while it serves. A row's numbers never
-depend on the other rows: the step always runs all slots (XLA:CPU's products give a row the same bits
-at a fixed row count, whatever the other rows hold or where the row sits), and a prompt is prefilled
-alone at its own length bucket.
+Every shape is fixed when the server starts, so nothing compiles while it serves, and a step costs the
+rows that are busy (rounded up to a bucket), not all the slots. A row's numbers never depend on the other
+rows: the products are the platform's matmul (`for_serving`), which gives a row the same bits at any row
+count from 2, whatever the other rows hold or where the row sits (tests/test_serve_engine.py checks it),
+attention and sampling are row by row, and a prompt is prefilled alone at its own length bucket.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -29,8 +33,16 @@ from ..utils.buckets import bucket, buckets
 from . import sampler
 
 MIN_BUCKET = 32
+MIN_ROWS = 2  # XLA:CPU's one-row product takes another path, with other bits than at 2 or more rows
 ECHO_ROWS = 64
 CHUNK = 64  # cache positions per step of a decode step's attention loop
+
+
+def for_serving(kernels: Kernels) -> Kernels:
+    """The record the engine runs: decode products that are the platform's matmul (on a CPU too), since a
+    step's row count changes with the load and only the matmul gives a row the same bits at every count."""
+    why = (*kernels.why, ("decode_products", "serving: the platform's matmul, whose rows do not depend on the batch"))
+    return dataclasses.replace(kernels, decode_products="plain", why=why)
 
 
 class Programs:
@@ -40,6 +52,7 @@ class Programs:
         self.dp, self.c, self.slots, self.max_len = dp, config, slots, max_len
         self.kernels = kernels  # the record `dp` was prepared with (its decode products, the prompt's attention)
         self.lengths = buckets(max_len, MIN_BUCKET)
+        self.rows = buckets(slots, min(MIN_ROWS, slots))
         self.cache_len = -(-max_len // CHUNK) * CHUNK
         self.exe: dict = {}
         self.compile_log: list[tuple[str, float]] = []
@@ -69,8 +82,17 @@ class Programs:
         last_1xD = jax.lax.dynamic_index_in_dim(x_1xTxD[0], length - 1, axis=0)
         return decode.head(dp, last_1xD, c=self.c, kernels=self.kernels), x_1xTxD[0], cache
 
-    def _step(self, dp, cache, tokens_N, positions_N):
-        return decode.step_rows(dp, tokens_N, positions_N, cache, c=self.c, chunk=CHUNK, kernels=self.kernels)
+    def _step(self, dp, cache, slots_R, tokens_R, positions_R):
+        return decode.step_rows(
+            dp, tokens_R, positions_R, cache, c=self.c, chunk=CHUNK, kernels=self.kernels, slots_B=slots_R
+        )
+
+    @staticmethod
+    def _draw(logits_RxV, counts_NxV, slots_R, *rows):
+        """`sampler.next_tokens` over the rows of `slots_R`, their token counts read from and written back
+        into the slots' counts."""
+        tokens_R, counts_RxV = sampler.next_tokens(logits_RxV, counts_NxV[slots_R], *rows)
+        return tokens_R, counts_NxV.at[slots_R].set(counts_RxV)
 
     @staticmethod
     def _copy(cache, src, dst):
@@ -91,20 +113,21 @@ class Programs:
         cache = [(S(x.shape, x.dtype), S(y.shape, y.dtype)) for x, y in jax.eval_shape(self.new_cache)]
         scalar = S((), i32)
 
-        def rows(R):  # next_tokens' arguments over R rows
+        def rows(R):  # next_tokens' per-row arguments after the logits and counts, then the mode
             per_row = (i32, bool, bool, None, i32, i32, f32, f32, i32, f32, f32)
-            rows = (S((R, 2), u32) if t is None else S((R,), t) for t in per_row)
-            return (S((R, V), f32), S((R, V), i32), *rows, scalar)  # the last: the mode
+            return (*(S((R, 2), u32) if t is None else S((R,), t) for t in per_row), scalar)
 
         todo = []
         for T in self.lengths:
             args = (self.dp, cache, S((1, T), i32), scalar, scalar)
             todo.append((("prefill", T), jax.jit(self._prefill, donate_argnums=1), args))
-        todo.append((("step",), jax.jit(self._step, donate_argnums=1), (self.dp, cache, S((N,), i32), S((N,), i32))))
+        for R in self.rows:
+            todo.append((("step", R), jax.jit(self._step, donate_argnums=1), (self.dp, cache, *[S((R,), i32)] * 3)))
+            draw_args = (S((R, V), f32), S((N, V), i32), S((R,), i32), *rows(R))
+            todo.append((("draw", R), jax.jit(self._draw, donate_argnums=1), draw_args))
         todo.append((("copy",), jax.jit(self._copy, donate_argnums=0), (cache, scalar, scalar)))
-        for R in (1, N):
-            fn = jax.jit(sampler.next_tokens, donate_argnums=1 if R == N else ())
-            todo.append((("sample", R), fn, rows(R)))
+        todo.append((("sample", 1), jax.jit(sampler.next_tokens), (S((1, V), f32), S((1, V), i32), *rows(1))))
+        for R in sorted({1, *self.rows}):
             todo.append((("logprobs", R), jax.jit(sampler.token_logprobs), (S((R, V), f32), S((R,), i32))))
         echo_args = (self.dp, S((ECHO_ROWS, c.n_embd), c.dtype), S((ECHO_ROWS,), i32))
         todo.append((("echo",), jax.jit(self._echo), echo_args))
@@ -131,15 +154,21 @@ class Programs:
         tokens[0, : len(prompt)] = prompt
         return self.exe["prefill", T](self.dp, cache, tokens, np.int32(len(prompt)), np.int32(slot))
 
-    def step(self, cache, tokens_N, positions_N):
-        return self.exe["step",](self.dp, cache, tokens_N, positions_N)
+    def step(self, cache, slots_R, tokens_R, positions_R):
+        """(logits [R, V], cache): one token for each of the slots `slots_R` (R: one of `self.rows`)."""
+        return self.exe["step", len(slots_R)](self.dp, cache, slots_R, tokens_R, positions_R)
+
+    def draw(self, mode: str, logits_RxV, counts_NxV, slots_R, *rows):
+        """(tokens [R], counts): the next token of each of the slots `slots_R` (`sampler.next_tokens`)."""
+        mode = np.int32(sampler.MODES.index(mode))
+        return self.exe["draw", len(slots_R)](logits_RxV, counts_NxV, slots_R, *rows, mode)
 
     def copy(self, cache, src: int, dst: int):
         return self.exe["copy",](cache, np.int32(src), np.int32(dst))
 
-    def sample(self, rows: int, mode: str, *args):
-        """(tokens, counts): `jaxlm.serve.sampler.next_tokens` over `rows` rows."""
-        return self.exe["sample", rows](*args, np.int32(sampler.MODES.index(mode)))
+    def sample(self, mode: str, *args):
+        """(tokens, counts): `jaxlm.serve.sampler.next_tokens` over one row (a prefill's first token)."""
+        return self.exe["sample", 1](*args, np.int32(sampler.MODES.index(mode)))
 
     def logprobs(self, logits_RxV, tokens_R):
         """(log-prob of each token, top 5 log-probs, their ids) of the model's own distribution."""
@@ -160,6 +189,6 @@ class Programs:
 
 def _name(key) -> str:
     what, *rest = key
-    if what in ("sample", "logprobs"):
+    if what in ("step", "draw", "sample", "logprobs"):
         return f"{what}[rows={rest[0]}]"
     return f"{what}[{rest[0]}]" if rest else what

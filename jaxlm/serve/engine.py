@@ -226,15 +226,14 @@ class Engine:
             out = (*out, *self.p.logprobs(logits, out[0]))
         self.fresh[:] = False
         self.steps += 1
-        self._deliver(running, out, range(len(busy)))
+        self._deliver(running, out)
 
-    def _deliver(self, seqs, out, rows=None, first=()):
-        """Hand each sequence its new token (from row `rows[j]` of `out` for the j-th sequence; None: row 0,
-        a prefill's), after `first` events; move its slot on to feed it; free the slots of those that ended."""
+    def _deliver(self, seqs, out, first=()):
+        """Hand each sequence its new token (row j of `out` for the j-th: a step runs the busy slots first, in
+        order), after `first` events; move its slot on to feed it; free the slots of those that ended."""
         tokens = np.asarray(out[0])
         lp, top, top_ids = (np.asarray(x) for x in out[2:]) if len(out) > 2 else (None, None, None)
-        for j, s in enumerate(seqs):
-            r = 0 if rows is None else rows[j]
+        for r, s in enumerate(seqs):
             tok = int(tokens[r])
             s.last, s.generated = tok, s.generated + 1
             self.fed[s.slot], self.pos[s.slot] = tok, self.pos[s.slot] + 1

@@ -4,6 +4,9 @@ after this runs in the controlling process) inherit them through the environment
 - JAX runs on the CPU: libtpu (in the test extra, for tests/test_aot.py's TPU compiles) would otherwise be probed
   by every JAX process, costing ~0.6 s and a screenful of warnings on a machine with no TPU. Compiling for a TPU
   topology still works under it (libtpu is loaded when a topology is asked for).
+- XLA:CPU compiles quickly rather than well (helpers.TEST_XLA_FLAGS; the subprocesses that choose a device count
+  add them too): the tests' programs are tiny, and compiling them is most of the suite's CPU time. The
+  benchmarks and every user's run keep XLA's defaults.
 - One persistent compilation cache for the session, every program kept: the suite compiles the same tiny steps
   in many processes (each train.py run, each resume), and a program compiled once is then loaded, not compiled
   again. It starts empty, so a run tests nothing a previous run left behind; it is removed at the end.
@@ -13,7 +16,11 @@ import os
 import shutil
 import tempfile
 
+from helpers import TEST_XLA_FLAGS
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="jaxlm-tests-xla-")

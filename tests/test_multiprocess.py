@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, cpu_devices
 
 TINY = [
     "--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "32", "--batch-size", "8",
@@ -26,7 +26,7 @@ def _port() -> int:
 
 
 def _env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return {**os.environ, **cpu_devices(devices)}
 
 
 def _launch(out, n: int, *extra, max_iters: int = 10, devices: int = 1):

@@ -1,7 +1,7 @@
 """notebooks/colab_tpu.ipynb runs end to end on the CPU with tiny settings, so it cannot rot."""
 
 import nbformat
-from helpers import ROOT, save_random_hf
+from helpers import ROOT, cpu_devices, save_random_hf
 from nbclient import NotebookClient
 
 NOTEBOOK = ROOT / "notebooks" / "colab_tpu.ipynb"
@@ -36,8 +36,8 @@ def test_colab_notebook_runs_on_cpu(tmp_path, monkeypatch):
         DTYPE="float32",
     )
     # Four simulated devices stand in for the TPU cores; the run dir goes to tmp, not the repo.
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    for name, value in cpu_devices(4).items():
+        monkeypatch.setenv(name, value)
     nb.cells = [_redirect_outputs(c, tmp_path) for c in nb.cells]
     NotebookClient(nb, timeout=600, kernel_name="python3").execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))

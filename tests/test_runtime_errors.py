@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, cpu_devices
 
 from jaxlm.parallel.distributed import is_out_of_memory, is_peer_loss
 
@@ -58,7 +58,7 @@ def test_a_batch_too_big_for_memory_is_one_line(tmp_path):
         "--n-layer 1 --n-head 2 --n-embd 32 --block-size 32 --batch-size 2097152 --max-iters 1 --eval-iters 1 "
         "--tensorboard false"
     ).split()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAXLM_CACHE": str(tmp_path)}
+    env = {**os.environ, **cpu_devices(1), "JAXLM_CACHE": str(tmp_path)}
     env["MALLOC_ARENA_MAX"] = "2"  # glibc's per-thread arenas would reserve address space by the core count
     r = subprocess.run(
         [sys.executable, "-c", LIMITED, str(ROOT / "train.py"), *flags, f"--out-dir={tmp_path / 'run'}"],

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import shared_cache  # noqa: F401 (autouse fixture)
+from helpers import cpu_devices, shared_cache  # noqa: F401 (autouse fixture)
 
 import jaxlm.train as trainer
 from jaxlm import GPT, init_params
@@ -149,7 +149,7 @@ def test_resume_on_a_2x2_mesh_is_bit_exact(tmp_path):
     src = write_jsonl(tmp_path / "r.jsonl", rows)
     ds = sft.prepare(src, tmp_path / "ds", template="qa", tokenizer="char", block_size=64)
     assert {sft.get_batch(sft.open_sft(ds), "train", 0, k, (2, 4), 64)[1].shape[-1] for k in range(6)} == {32, 64}
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, **cpu_devices(4)}
     cmd = [sys.executable, "-c", RESUME_ON_A_MESH, str(ds), str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0 and "devices 4" in r.stdout, r.stderr[-3000:]

@@ -6,7 +6,7 @@ import re
 
 import jax
 import pytest
-from helpers import FIXTURE, ROOT, run_py
+from helpers import FIXTURE, ROOT, cpu_devices, run_py
 
 import jaxlm
 from jaxlm.cli import run_cli
@@ -14,11 +14,7 @@ from jaxlm.generation.cli import SEPARATOR, build_parser, main
 from jaxlm.io import load as loader
 from jaxlm.tokenizer import CharTokenizer
 
-# 8 simulated devices; LLVM optimisation off: a third less compile time, and both paths compile alike.
-EIGHT = {
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-    "JAX_PLATFORMS": "cpu",
-}
+EIGHT = cpu_devices(8)
 # tests/sharded_sample.py's model: n_layer 2, n_head 8, n_embd 64 (MLP 256), vocab 100; batch 4, prompt bucket 16.
 MESHES = {
     "tensor=2": {"c_fc": [2, 64, 128], "c_attn": [2, 64, 3, 32], "wte": [50, 64], "cache": [2, 4, 16, 4, 8]},

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import ROOT, run_py
+from helpers import ROOT, cpu_devices, run_py
 
 import jaxlm
 from jaxlm.parallel import sharding
@@ -15,7 +15,7 @@ STEPS = 6  # tests/sharded_train.py's run length
 MESHES = ["fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2"]
 PERMUTED = "permuted:data=2,fsdp=2,tensor=2"  # MESHES[1] over a shuffled device order
 LORA_MESH = "lora:fsdp=4,tensor=2"  # a LoRA run (adapters sharded by the same rules table) on the richest mesh
-EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+EIGHT = cpu_devices(8)
 
 
 def _result(proc) -> dict:
@@ -28,7 +28,7 @@ def _result(proc) -> dict:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
     script = str(ROOT / "tests" / "sharded_train.py")
-    one = {"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    one = cpu_devices(1)
     single = _result(run_py(script, str(root / "one"), "single", "lora:single", env=one))
     many = _result(run_py(script, str(root / "eight"), *MESHES, LORA_MESH, PERMUTED, env=EIGHT, timeout=600))
     return single, many, root

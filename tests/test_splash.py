@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import run_py
+from helpers import cpu_devices, run_py
 
 import jaxlm
 from jaxlm import kernels
@@ -63,7 +63,7 @@ def test_splash_falls_back_where_it_cannot_run():
 
 
 def test_on_a_mesh_constraints_reach_the_program_and_sharded_splash_equals_the_reference():
-    r = run_py("tests/sharded_kernels.py", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    r = run_py("tests/sharded_kernels.py", env=cpu_devices(4))
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["constraints"] >= 8 and out["logits_split_over_batch"], out

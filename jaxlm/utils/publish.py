@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -37,7 +38,17 @@ def publishing(out, *, overwrite: bool = False, exist_ok: bool = False, shared: 
             _rename_into_place(tmp, out, overwrite=overwrite, exist_ok=exist_ok)
     finally:
         if leader:
-            shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+            _remove(tmp)  # gone already after a successful rename
+
+
+def _remove(tmp: Path, tries: int = 50):
+    """Remove a temporary directory, again while it is still there: after a failed write a writer's thread
+    (TensorStore's, under Orbax) can still be creating a file in it while the first removal runs."""
+    for _ in range(tries):
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not tmp.exists():
+            return
+        time.sleep(0.1)
 
 
 def _rename_into_place(tmp: Path, out: Path, *, overwrite: bool, exist_ok: bool):

@@ -10,6 +10,9 @@ after this runs in the controlling process) inherit them through the environment
 - One persistent compilation cache for the session, every program kept: the suite compiles the same tiny steps
   in many processes (each train.py run, each resume), and a program compiled once is then loaded, not compiled
   again. It starts empty, so a run tests nothing a previous run left behind; it is removed at the end.
+- The longest test files run first (FIRST): xdist hands files to its two workers in collection order (with
+  `--no-loadscope-reorder` in pyproject.toml; by default it orders them by their number of tests), and a long
+  file started last leaves one worker idle while the other finishes it.
 """
 
 import os
@@ -28,6 +31,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 else:
     _CACHE = None  # the caller's (or, in an xdist worker, the controlling process's)
+
+
+# the files that take longest on a 2-core machine (`--junitxml` times, summed per file), longest first
+FIRST = ["test_aot", "test_sharding", "test_multiprocess", "test_train", "test_eval", "test_faults",
+         "test_train_library", "test_sft_train", "test_bench_gpu", "test_notebook", "test_serve"]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(FIRST)))  # stable: the rest keep their order
 
 
 def pytest_unconfigure(config):

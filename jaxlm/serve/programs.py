@@ -1,7 +1,8 @@
 """The engine's device programs for one model, slot count and maximum length, compiled before serving.
 
-- `prefill[T]`: one prompt, right-padded to the length bucket T, into one slot of the KV cache; returns the
-  logits after its last real token and the last block's output at every position (for prompt log-probs).
+- `prefill[T]`: one prompt, right-padded to the length bucket T (`utils.buckets.fine_buckets`: padding is
+  wasted work, so the buckets are close), into one slot of the KV cache; returns the logits after its last
+  real token and the last block's output at every position (for prompt log-probs).
 - `step[R]`: one token for each of R busy slots (the slots named by the call, R a row bucket: powers of two from
   2, then the slot count), each at its own position (`jaxlm.generation.decode.step_rows`: attention over the
   cache CHUNK positions at a time, as far as the longest live sequence reaches); `draw[R]`: their next tokens
@@ -29,10 +30,10 @@ import numpy as np
 from ..config import GPTConfig
 from ..generation import decode
 from ..kernels import PORTABLE, Kernels
-from ..utils.buckets import bucket, buckets
+from ..utils.buckets import bucket, buckets, fine_buckets
 from . import sampler
 
-MIN_BUCKET = 32
+MIN_BUCKET = 16  # prompt-length buckets: multiples of 16 to 128, then a quarter apart
 MIN_ROWS = 2  # XLA:CPU's one-row product takes another path, with other bits than at 2 or more rows
 ECHO_ROWS = 64
 CHUNK = 64  # cache positions per step of a decode step's attention loop
@@ -51,7 +52,7 @@ class Programs:
     def __init__(self, dp, config: GPTConfig, slots: int, max_len: int, kernels: Kernels = PORTABLE):
         self.dp, self.c, self.slots, self.max_len = dp, config, slots, max_len
         self.kernels = kernels  # the record `dp` was prepared with (its decode products, the prompt's attention)
-        self.lengths = buckets(max_len, MIN_BUCKET)
+        self.lengths = fine_buckets(max_len, MIN_BUCKET)
         self.rows = buckets(slots, min(MIN_ROWS, slots))
         self.cache_len = -(-max_len // CHUNK) * CHUNK
         self.exe: dict = {}

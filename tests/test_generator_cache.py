@@ -5,7 +5,7 @@ first."""
 import json
 
 import jax
-from helpers import run_py
+from helpers import TEST_XLA_FLAGS, run_py
 
 import jaxlm
 from jaxlm.generation import generator
@@ -33,7 +33,7 @@ print("RESULT " + json.dumps({"same": out[0] == out[1] == out[2], "compile_s": c
 
 
 def test_generators_on_two_devices_compile_their_own():
-    r = run_py("-c", TWO_DEVICES, env={"XLA_FLAGS": "", "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"})
+    r = run_py("-c", TWO_DEVICES, env={"XLA_FLAGS": TEST_XLA_FLAGS, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.split("RESULT ", 1)[1])
     assert report["same"]

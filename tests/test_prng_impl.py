@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TEST_XLA_FLAGS
 
 import jaxlm.train as trainer
 from jaxlm.config import TrainConfig
@@ -39,6 +40,7 @@ def _losses(out: Path):
 def test_rbg_keys_train_and_resume_bit_for_bit(tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS  # the quick compiles, and no device count: the cores rule decides
     env |= {"JAX_DEFAULT_PRNG_IMPL": "rbg", "JAXLM_CACHE": str(tmp_path / "cache")}
     r = subprocess.run(
         [sys.executable, "-c", RUNS, *FLAGS, str(whole), str(split)],

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import TEST_XLA_FLAGS
 
 import jaxlm
 import jaxlm.train as trainer
@@ -90,6 +91,7 @@ FLAGS = (
 
 def _train(out, *flags, cache):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS  # the quick compiles, and no device count: the cores rule decides
     env["JAXLM_CACHE"] = str(cache)
     cmd = [sys.executable, str(ROOT / "train.py"), *FLAGS, f"--out-dir={out}", *flags]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)

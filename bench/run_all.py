@@ -33,6 +33,7 @@ RUNS = [
     # XLA's products where jaxlm's native kernels would run; skipped where they do not (the run above is that).
     ("generate_native_off", {"JAXLM_NATIVE": "0"}, ["bench_generate.py", "--no-torch"]),
     ("decode_linear", {}, ["decode_linear.py"]),
+    ("slot_attention", {}, ["slot_attention.py"]),
     ("train", {}, ["bench_train.py"]),
     ("profile_train", {}, ["profile_train.py"]),
     ("lora", {}, ["bench_lora.py"]),

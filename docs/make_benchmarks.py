@@ -29,6 +29,11 @@ SCRIPTS = {
         "x @ W.T over the 124M shape's 48 layer kernels in each form decoding can take (XLA's matmul, a "
         "multiply-reduce, what jaxlm picks, jaxlm's native kernel where the CPU runs it).",
     ),
+    "slot_attention.py": (
+        "A serving step's attention by form",
+        "One layer of the 124M shape: rows at their own lengths in their own cache slots, XLA's chunked "
+        "products against jaxlm's CPU kernel.",
+    ),
     "bench_train.py": (
         "Training throughput",
         "jaxlm's real train step per case (tokens/s, ms/step, utilisation of the matmul peak measured around "

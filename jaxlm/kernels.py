@@ -2,10 +2,12 @@
 
 jaxlm's hot spots have several implementations. Attention: jaxlm's reference form, the CPU's query blocks,
 XLA's `jax.nn.dot_product_attention`, cuDNN's fused kernel (GPU) and Pallas splash attention (TPU). A decode
-step's products: jaxlm's native AVX-512 kernels, the CPU's fused multiply-reduce, or plain products. The eval
-head: the CPU's vocabulary chunks or one piece. Which one runs is data: a `Kernels` record, resolved once by
-`resolve` from the platform of the devices the program runs on (a mesh, a device, an array, or a platform
-name for a program compiled elsewhere, e.g. for a TPU topology from a CPU host), and passed down:
+step's products: jaxlm's native CPU kernels, the CPU's fused multiply-reduce, or plain products. A serving
+step's attention (rows at their own lengths in their own cache slots): jaxlm's native CPU kernel or XLA's
+chunks. The eval head: the CPU's vocabulary chunks or one piece. Which one runs is data: a `Kernels`
+record, resolved once by `resolve` from the platform of the devices the program runs on (a mesh, a device,
+an array, or a platform name for a program compiled elsewhere, e.g. for a TPU topology from a CPU host),
+and passed down:
 `GPT(config, kernels=k)`, `lm_loss(config, kernels=k)`, `jaxlm.generation.decode`, the eval head. Nothing
 inside an op asks `jax.default_backend()`, so a GPU or TPU program never contains CPU code.
 
@@ -36,7 +38,7 @@ from .errors import JaxlmError
 PLATFORMS = ("cpu", "gpu", "tpu")
 _ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 PHASES = ("train", "eval", "prefill", "decode")  # the model's uses, each with its own attention (`attention_for`)
-SPOTS = ("attention", "decode_products", "eval_head", "eval_batch_tokens")
+SPOTS = ("attention", "decode_products", "slot_attention", "eval_head", "eval_batch_tokens")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Kernels:
                      "reference" | "cpu_blocked" | "xla" | "cudnn" | "splash"
     decode_products  a decode step's x @ W.T: "native" | "cpu_fused" | "plain"; None: not chosen (the
                      program does not decode: `resolve(decode=False)`)
+    slot_attention   a serving step's attention (`jaxlm.generation.decode.step_rows`): "native" (a CPU kernel,
+                     float32) | "chunks" (XLA, any platform); None: not chosen (`resolve(decode=False)`)
     eval_head        scored rows against the tied LM head: "cpu_chunked" | "plain"
     eval_batch_tokens  padded tokens per scoring batch at most (None: no limit)
     why              (spot, reason) pairs, for logs and runtime.json; not part of equality
@@ -55,6 +59,7 @@ class Kernels:
     platform: str = "any"
     attention: str = "reference"
     decode_products: str | None = "plain"
+    slot_attention: str | None = "chunks"
     eval_head: str = "plain"
     eval_batch_tokens: int | None = None
     why: tuple[tuple[str, str], ...] = field(default=(), compare=False)
@@ -127,16 +132,21 @@ def resolve(where=None, *, dtype="float32", dropout: float = 0.0, attention: str
     att, att_why = _attention(platform, dtype, dropout, attention)
     why = [("attention", att_why)]
     if platform == "cpu":
-        products = None
+        products = slots = None
         if decode:
             missing = native.unavailable(dtype)
             products = "native" if missing is None else "cpu_fused"
-            why.append(("decode_products", "cpu: jaxlm's AVX-512 kernels" if missing is None else f"cpu: {missing}"))
+            why.append(("decode_products", "cpu: jaxlm's native kernels" if missing is None else f"cpu: {missing}"))
+            missing = native.attention_unavailable(dtype)
+            slots = "native" if missing is None else "chunks"
+            why.append(("slot_attention", "cpu: jaxlm's native kernel" if missing is None else f"cpu: {missing}"))
         why += [("eval_head", "cpu: vocabulary chunks"), ("eval_batch_tokens", "cpu: batches that stay in cache")]
-        return Kernels(platform, att, products, "cpu_chunked", CPU_BATCH_TOKENS, tuple(why))
+        return Kernels(platform, att, products, slots, "cpu_chunked", CPU_BATCH_TOKENS, tuple(why))
     if decode:
         why.append(("decode_products", f"{platform}: the platform's matmul whatever the batch"))
-    return Kernels(platform, att, "plain" if decode else None, "plain", None, tuple(why))
+        why.append(("slot_attention", f"{platform}: XLA's products, a chunk of the cache at a time"))
+    plain, chunks = ("plain", "chunks") if decode else (None, None)
+    return Kernels(platform, att, plain, chunks, "plain", None, tuple(why))
 
 
 def _attention(platform: str, dtype: str, dropout: float, asked: str) -> tuple[str, str]:

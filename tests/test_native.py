@@ -56,6 +56,20 @@ def test_kernel_equals_a_float32_matmul_of_the_same_numbers(dtype, rows, O, D):
 
 
 @each_dtype()
+@pytest.mark.parametrize("O, D", [(16 * 27, 300), (48, 64)])  # an odd block count, D past one slice; small
+def test_a_rows_bits_do_not_depend_on_the_row_count_or_its_place(dtype, O, D):
+    """Each output is one chain of FMAs over D in order, whatever the rows around it: what lets a server
+    batch requests without changing their logits (`jaxlm.serve.programs.for_serving`)."""
+    rng = np.random.default_rng(O)
+    x, w = np.asarray(_rand(rng, dtype, NATIVE_ROWS, D)), native.pack(np.asarray(_rand(rng, dtype, O, D)))
+    linear = jax.jit(native.linear, static_argnums=2)
+    every = np.asarray(linear(x, w, O))
+    for n in (1, 2, 3, 5, 7, 12, 13, 31, NATIVE_ROWS):
+        order = rng.permutation(NATIVE_ROWS)[:n]
+        np.testing.assert_array_equal(np.asarray(linear(x[order], w, O)), every[order], err_msg=f"{n} rows")
+
+
+@each_dtype()
 @pytest.mark.parametrize("rows", [4, NATIVE_ROWS + 1])
 def test_decode_linear_takes_the_kernel_for_few_rows_and_xla_for_many(dtype, rows):
     rng = np.random.default_rng(rows)
@@ -104,8 +118,8 @@ def test_decode_through_the_kernel_is_as_close_to_float32_as_xla(dtype, xla_only
     monkeypatch.delenv("JAXLM_NATIVE")
     native.probe.cache_clear()
     dp_native, ours = _step_logits(c, params, dtype)
-    assert dp_xla["layers"][0]["fc_w"].shape == (4 * 64, 64) and dp_xla["wte"].shape == (97, 64)
-    assert dp_native["layers"][0]["fc_w"].shape == native.pack(np.zeros((4 * 64, 64), dtype)).shape
+    assert dp_xla["layers"][0]["mlp"]["c_fc"]["kernel"].shape == (4 * 64, 64) and dp_xla["wte"].shape == (97, 64)
+    assert dp_native["layers"][0]["mlp"]["c_fc"]["kernel"].shape == native.pack(np.zeros((4 * 64, 64), dtype)).shape
     assert dp_native["wte"].shape[:3] == (7, 64 // native._per(dtype), 16)  # 97 rows padded to 7 blocks
     err_native, err_xla = np.abs(ours - ref).max(), np.abs(xla - ref).max()
     if dtype == "float32":
@@ -153,3 +167,43 @@ def test_a_compiler_that_fails_is_a_reason_not_a_crash(xla_only, monkeypatch, tm
     assert why == "cannot build the kernels: false failed: ?" or why.startswith("not an x86-64"), why
     assert native.unavailable("bfloat16") == why and native.unavailable("float16") == "no kernel for float16"
     assert not list(tmp_path.rglob("*.so"))  # nothing half-built left in the cache
+
+
+slot_kernel = pytest.mark.skipif(
+    native.attention_unavailable("float32") is not None,
+    reason=f"the slot attention kernel cannot run here: {native.attention_unavailable('float32')}",
+)
+
+
+@slot_kernel
+@pytest.mark.parametrize("K", [16, 64])
+def test_slot_attention_is_the_chunked_attention_and_a_row_sees_only_its_slot(K):
+    """The serving step's attention kernel against XLA's chunks (`decode.attend_chunks`) on rows at their own
+    lengths (the first position, the last, in between) in any slots; and a row's output keeps its bits whatever
+    the other rows are, how many run and which slot holds it."""
+    rng = np.random.default_rng(K)
+    N, H, S = 6, 3, 128
+    k, v = (jnp.asarray(rng.standard_normal((N, H, S, K)), jnp.float32) for _ in "kv")
+    q = jnp.asarray(rng.standard_normal((4, H, 1, K)), jnp.float32)
+    slots, positions = jnp.asarray([4, 0, 5, 2], jnp.int32), jnp.asarray([0, 127, 70, 5], jnp.int32)
+    ours = jax.jit(lambda *a: decode._attend_native(*a[:3], slots_B=a[3], positions_B=a[4]))
+    xla = decode.attend_chunks(q, k, v, positions_B=positions, chunk=32, slots_B=slots)
+    got = ours(q, k, v, slots, positions)
+    assert got.shape == (4, H, 1, K)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(xla), rtol=1e-5, atol=1e-6)
+    # the first row alone, and moved to another slot with the others changed around it
+    alone = ours(q[:1], k, v, slots[:1], positions[:1])
+    np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(got[0]))
+    k2, v2 = k.at[1].set(k[4]).at[4].set(0.0), v.at[1].set(v[4]).at[4].set(7.0)
+    moved = ours(q[::-1], k2, v2, jnp.asarray([2, 5, 0, 1], jnp.int32), positions[::-1])
+    np.testing.assert_array_equal(np.asarray(moved[3]), np.asarray(got[0]))
+
+
+@slot_kernel
+def test_slot_attention_refuses_shapes_it_does_not_take():
+    q, kv = jnp.zeros((1, 2, 12)), jnp.zeros((2, 2, 8, 12))
+    with pytest.raises(Exception, match="K a multiple of 8"):
+        jax.block_until_ready(native.attend_rows(q, kv, kv, jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32)))
+    with pytest.raises(Exception, match="a slot out of range"):
+        q, kv = jnp.zeros((1, 2, 8)), jnp.zeros((2, 2, 8, 8))
+        jax.block_until_ready(native.attend_rows(q, kv, kv, jnp.full(1, 2, jnp.int32), jnp.zeros(1, jnp.int32)))

@@ -12,8 +12,9 @@ from helpers import save_random_hf
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import jaxlm
+from jaxlm.cpu.products import NATIVE_ROWS
 from jaxlm.generation import decode
-from jaxlm.kernels import placed_on, resolve
+from jaxlm.kernels import Kernels, placed_on, resolve
 from jaxlm.serve import sampler
 from jaxlm.serve.programs import for_serving
 from jaxlm.serve.text import TextOut
@@ -27,7 +28,7 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     save_random_hf(path, seed=0, **TINY)
     config, params = jaxlm.load(path)
-    kernels = for_serving(resolve(placed_on(params), dtype=config.dtype, decode=True))  # as python -m jaxlm.serve picks
+    kernels = for_serving(resolve(placed_on(params), dtype=config.dtype, decode=True), 8)  # as jaxlm.serve picks
     return config, decode.prepare(params, config, kernels), kernels
 
 
@@ -65,6 +66,17 @@ def test_a_rows_logits_do_not_depend_on_the_other_rows_or_its_slot(tiny):
     ref = decode.step(dp, tokens, jnp.full((N,), 40), cache, jnp.int32(40), valid, c=config, kernels=kernels)[0]
     got = step(dp, tokens, jnp.full((N,), 40, jnp.int32), cache)[0]
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-4)  # another summation order
+
+
+def test_serving_keeps_only_products_whose_rows_do_not_depend_on_the_batch():
+    """jaxlm's native CPU kernel serves up to its rows; past them (XLA's matmul takes over at a row count) and
+    for the CPU's fused multiply-reduce (its bits change with the rows), the platform's matmul."""
+    native = Kernels("cpu", decode_products="native")
+    assert for_serving(native, NATIVE_ROWS) is native
+    assert for_serving(native, NATIVE_ROWS + 1).decode_products == "plain"
+    fused = for_serving(Kernels("cpu", decode_products="cpu_fused"), 8)
+    assert fused.decode_products == "plain" and "serving" in fused.describe("decode_products")
+    assert for_serving(Kernels("tpu", decode_products="plain"), 256).decode_products == "plain"
 
 
 @pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])

@@ -187,9 +187,10 @@ def step_rows(
     `slots_B[b]` (None: row b; a row's sequence starts at slot 0: no padding), and it attends to its slots
     0..positions_B[b]. Returns (logits [B, V], cache). The cache may hold more rows than the step runs.
 
-    For a serving engine, whose rows are independent requests at different lengths. Attention runs over
-    the cache `chunk` slots at a time (`attend_chunks`), only as far as the longest row reaches, and a
-    row's numbers do not depend on how far that is (the cache's S must be a multiple of `chunk`).
+    For a serving engine, whose rows are independent requests at different lengths. Attention is the
+    record's slot attention: "chunks" runs over the cache `chunk` slots at a time (`attend_chunks`), only as
+    far as the longest row reaches, and a row's numbers do not depend on how far that is (the cache's S must
+    be a multiple of `chunk`); "native" is jaxlm's CPU kernel, each row and head alone over its positions.
     """
     if slots_B is None:
         slots_B = jnp.arange(tokens_B.shape[0])
@@ -202,8 +203,17 @@ def step_rows(
 
         return write
 
-    attend_fn = partial(attend_chunks, positions_B=positions_B, chunk=chunk, slots_B=slots_B)
+    if kernels.slot_attention == "native" and c.head_dim % 8 == 0:  # a CPU kernel reading each row's slot in place
+        attend_fn = partial(_attend_native, positions_B=positions_B, slots_B=slots_B)
+    else:
+        attend_fn = partial(attend_chunks, positions_B=positions_B, chunk=chunk, slots_B=slots_B)
     return _one_token(c, dp, tokens_B, positions_B, cache, attend_fn, write_at_rows, kernels)
+
+
+def _attend_native(q_BxHx1xK, k_NxHxSxK, v_NxHxSxK, *, positions_B, slots_B):
+    """`attend_chunks` as jaxlm's CPU kernel computes it (`jaxlm.cpu.native.attend_rows`)."""
+    out_BxHxK = native.attend_rows(q_BxHx1xK[:, :, 0], k_NxHxSxK, v_NxHxSxK, slots_B, positions_B)
+    return out_BxHxK.astype(v_NxHxSxK.dtype)[:, :, None]
 
 
 def attend_chunks(q_BxHx1xK, k_NxHxSxK, v_NxHxSxK, *, positions_B, chunk: int, slots_B=None):

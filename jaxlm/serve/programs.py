@@ -13,8 +13,8 @@
 
 Every shape is fixed when the server starts, so nothing compiles while it serves, and a step costs the
 rows that are busy (rounded up to a bucket), not all the slots. A row's numbers never depend on the other
-rows: the products are the platform's matmul (`for_serving`), which gives a row the same bits at any row
-count from 2, whatever the other rows hold or where the row sits (tests/test_serve_engine.py checks it),
+rows: the products (`for_serving`: jaxlm's native CPU kernel, else the platform's matmul) give a row the same
+bits at any row count from 2, whatever the other rows hold or where the row sits (tests/test_serve_engine.py),
 attention and sampling are row by row, and a prompt is prefilled alone at its own length bucket.
 """
 
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import GPTConfig
+from ..cpu.products import NATIVE_ROWS
 from ..generation import decode
 from ..kernels import PORTABLE, Kernels
 from ..utils.buckets import bucket, buckets, fine_buckets
@@ -39,9 +40,14 @@ ECHO_ROWS = 64
 CHUNK = 64  # cache positions per step of a decode step's attention loop
 
 
-def for_serving(kernels: Kernels) -> Kernels:
-    """The record the engine runs: decode products that are the platform's matmul (on a CPU too), since a
-    step's row count changes with the load and only the matmul gives a row the same bits at every count."""
+def for_serving(kernels: Kernels, slots: int) -> Kernels:
+    """The record the engine runs for `slots` slots: decode products that give a row the same bits at every row
+    count a step can have (up to `slots`), since that count changes with the load. jaxlm's native CPU kernel
+    does (one chain of FMAs per output, whatever the rows) up to NATIVE_ROWS rows, and so does the platform's
+    matmul; the CPU's fused multiply-reduce does not, and neither does the native kernel past its rows (XLA's
+    matmul takes over there)."""
+    if kernels.decode_products == "native" and slots <= NATIVE_ROWS:
+        return kernels
     why = (*kernels.why, ("decode_products", "serving: the platform's matmul, whose rows do not depend on the batch"))
     return dataclasses.replace(kernels, decode_products="plain", why=why)
 

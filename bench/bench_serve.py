@@ -226,7 +226,7 @@ def step_row(model, dtype, rows: int, window: int, peak_gflops: float, log) -> d
 
     config, params = jaxlm.load(model)
     config = config.replace(dtype=dtype, param_dtype=dtype)
-    kernels = for_serving(resolve(placed_on(params), dtype=config.dtype, decode=True), rows)  # as jaxlm.serve picks
+    kernels = for_serving(resolve(placed_on(params), dtype=dtype, decode=True), dtype)  # as jaxlm.serve picks
     p = Programs(decode.prepare(params, config, kernels), config, rows, window, kernels)
     p.compile_all(only=lambda key: key == ("step", rows))
     cache = p.new_cache()

@@ -12,7 +12,7 @@ from helpers import save_random_hf
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import jaxlm
-from jaxlm.cpu.products import NATIVE_ROWS
+from jaxlm.cpu import native
 from jaxlm.generation import decode
 from jaxlm.kernels import Kernels, placed_on, resolve
 from jaxlm.serve import sampler
@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     save_random_hf(path, seed=0, **TINY)
     config, params = jaxlm.load(path)
-    kernels = for_serving(resolve(placed_on(params), dtype=config.dtype, decode=True), 8)  # as jaxlm.serve picks
+    kernels = for_serving(resolve(placed_on(params), dtype=config.dtype, decode=True), config.dtype)  # as served
     return config, decode.prepare(params, config, kernels), kernels
 
 
@@ -69,14 +69,17 @@ def test_a_rows_logits_do_not_depend_on_the_other_rows_or_its_slot(tiny):
 
 
 def test_serving_keeps_only_products_whose_rows_do_not_depend_on_the_batch():
-    """jaxlm's native CPU kernel serves up to its rows; past them (XLA's matmul takes over at a row count) and
-    for the CPU's fused multiply-reduce (its bits change with the rows), the platform's matmul."""
-    native = Kernels("cpu", decode_products="native")
-    assert for_serving(native, NATIVE_ROWS) is native
-    assert for_serving(native, NATIVE_ROWS + 1).decode_products == "plain"
-    fused = for_serving(Kernels("cpu", decode_products="cpu_fused"), 8)
+    """jaxlm's native CPU kernel serves where it runs every row count (AVX2's: a step's rows and a prompt's);
+    where it hands many rows to XLA's matmul (AVX-512's), and for the CPU's fused multiply-reduce (its bits
+    change with the rows), the platform's matmul."""
+    rec = Kernels("cpu", decode_products="native")
+    avx2_only = native.probe() == (1, None)
+    assert (for_serving(rec, "float32") is rec) == avx2_only
+    assert native.max_rows("float32") == (None if avx2_only else 64 if native.usable("float32") else 0)
+    assert for_serving(rec, "bfloat16").decode_products == "plain"  # AVX-512 BF16's kernel: at most 64 rows
+    fused = for_serving(Kernels("cpu", decode_products="cpu_fused"), "float32")
     assert fused.decode_products == "plain" and "serving" in fused.describe("decode_products")
-    assert for_serving(Kernels("tpu", decode_products="plain"), 256).decode_products == "plain"
+    assert for_serving(Kernels("tpu", decode_products="plain"), "bfloat16").decode_products == "plain"
 
 
 @pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])

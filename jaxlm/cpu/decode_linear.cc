@@ -84,10 +84,10 @@ template <typename T>
 constexpr BlocksFn<T> kBlocks[kRowGroup + 1] = {nullptr,      Blocks<T, 1>, Blocks<T, 2>, Blocks<T, 3>, Blocks<T, 4>,
                                                 Blocks<T, 5>, Blocks<T, 6>, Blocks<T, 7>, Blocks<T, 8>};
 
-// AVX2 + FMA, float32: the same layout, each block of 16 outputs as two 8-lane halves. Up to 64 rows run
-// as a small matmul (a 124M serving step: 32-64 rows), so W is read from memory once per call: for each
-// OB blocks, D in slices of kSlice (W's slice stays in L1), all rows in groups of NR (accumulators
-// 2 x OB x NR <= 12). A slice after the first continues each output's chain from y.
+// AVX2 + FMA, float32: the same layout, each block of 16 outputs as two 8-lane halves. Any row count runs
+// as a small matmul (a serving step's 32-64 rows, a prompt's hundreds), so W is read from memory once per
+// tile of rows: for each OB blocks, D in slices of kSlice (W's slice stays in L1), the tile's rows in groups
+// of NR (accumulators 2 x OB x NR <= 12). A slice after the first continues each output's chain from y.
 constexpr int64_t kSlice = 128;
 
 // (Flat arrays and unroll pragmas: GCC then keeps the accumulators in registers; as [OB][2][NR] arrays it
@@ -126,18 +126,26 @@ void RowsAvx2(const float* w, const float* x, int64_t N, int64_t D, float* y, in
   if (n < N) kTail[N - n](w, x + n * D, D, y + n * O, O, k0, k1);
 }
 
-// Blocks [b0, b1) for all N rows: two blocks at a time for up to three rows, else one block and six rows.
+// Blocks [b0, b1) for all N rows, kRowTile rows at a time (a tile's slice of x stays in L2 while W's blocks
+// pass; a long prompt's rows would not): two blocks at a time for up to 12 rows, else one block and six rows.
+constexpr int64_t kRowTile = 96;
+
 void BlocksAvx2(const float* w, const float* x, int64_t N, int64_t D, float* y, int64_t O, int64_t b0, int64_t b1) {
   const int64_t ob = N <= 12 ? 2 : 1;
-  for (int64_t b = b0; b < b1; b += ob) {
-    const bool pair = ob == 2 && b + 1 < b1;
-    for (int64_t k0 = 0; k0 < D; k0 += kSlice) {
-      const int64_t k1 = std::min(D, k0 + kSlice);
+  for (int64_t r0 = 0; r0 < N; r0 += kRowTile) {
+    const int64_t rows = std::min(kRowTile, N - r0);
+    const float* xr = x + r0 * D;
+    float* yr = y + r0 * O;
+    for (int64_t b = b0; b < b1; b += ob) {
+      const bool pair = ob == 2 && b + 1 < b1;
       const float* wb = w + b * 16 * D;
-      if (pair)
-        RowsAvx2<3, 2>(wb, x, N, D, y + b * 16, O, k0, k1);
-      else
-        RowsAvx2<6, 1>(wb, x, N, D, y + b * 16, O, k0, k1);
+      for (int64_t k0 = 0; k0 < D; k0 += kSlice) {
+        const int64_t k1 = std::min(D, k0 + kSlice);
+        if (pair)
+          RowsAvx2<3, 2>(wb, xr, rows, D, yr + b * 16, O, k0, k1);
+        else
+          RowsAvx2<6, 1>(wb, xr, rows, D, yr + b * 16, O, k0, k1);
+      }
     }
   }
 }

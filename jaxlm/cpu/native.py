@@ -33,11 +33,13 @@ from ..utils.cache import cache_dir
 from ..utils.publish import write_file
 
 SOURCES = ("decode_linear.cc", "decode_attention.cc", "parallel.h")  # one library
-# dtype: (FFI target, its implementations as (symbol in the library, CPU level it needs), the best first,
-# inputs per packed lane). Every implementation of a target gives the same bits (one FMA chain per output).
+# dtype: (FFI target, its implementations as (symbol in the library, CPU level it needs, rows it runs at most:
+# beyond, XLA's matmul is faster; None: any), the best first, inputs per packed lane). Every implementation of a
+# target gives the same bits (one FMA chain per output). AVX2's runs any row count as a small matmul (as fast as
+# XLA's at 64-256 rows); AVX-512's were built for a decode step's few rows (XLA's matmul wins at 256).
 KERNELS = {
-    "float32": ("jaxlm_f32_linear", (("JaxlmF32Linear", 2), ("JaxlmF32LinearAvx2", 1)), 1),
-    "bfloat16": ("jaxlm_bf16_linear", (("JaxlmBf16Linear", 3),), 2),
+    "float32": ("jaxlm_f32_linear", (("JaxlmF32Linear", 2, 64), ("JaxlmF32LinearAvx2", 1, None)), 1),
+    "bfloat16": ("jaxlm_bf16_linear", (("JaxlmBf16Linear", 3, 64),), 2),
 }
 NEEDS = {1: "AVX2 and FMA", 2: "AVX-512F", 3: "AVX-512 BF16"}
 ATTENTION = ("jaxlm_attend_rows", "JaxlmAttendRows", 1)  # (FFI target, symbol, CPU level): float32 only
@@ -83,7 +85,7 @@ def probe() -> tuple[int, str | None]:
         return 0, f"cannot build the kernels: {e}"
     level = lib.JaxlmCpuLevel()
     for target, implementations, _ in KERNELS.values():
-        symbol = next((name for name, needs in implementations if level >= needs), None)
+        symbol = next((name for name, needs, _ in implementations if level >= needs), None)
         if symbol is not None:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     if level >= ATTENTION[2]:
@@ -97,7 +99,7 @@ def unavailable(dtype) -> str | None:
     if name not in KERNELS:
         return f"no kernel for {name}"
     level, why = probe()
-    least = min(needs for _, needs in KERNELS[name][1])
+    least = min(needs for _, needs, _ in KERNELS[name][1])
     return why or (None if level >= least else f"this CPU has no {NEEDS[least]}")
 
 
@@ -108,6 +110,15 @@ def attention_unavailable(dtype) -> str | None:
         return f"no attention kernel for {name}"
     level, why = probe()
     return why or (None if level >= ATTENTION[2] else f"this CPU has no {NEEDS[ATTENTION[2]]}")
+
+
+def max_rows(dtype) -> int | None:
+    """The most rows the `dtype` kernel in use here runs (None: any count; 0: no kernel runs here); beyond, XLA's
+    matmul does."""
+    level, why = probe()
+    if why or jnp.dtype(dtype).name not in KERNELS:
+        return 0
+    return next((rows for _, needs, rows in KERNELS[jnp.dtype(dtype).name][1] if level >= needs), 0)
 
 
 def usable(dtype) -> bool:

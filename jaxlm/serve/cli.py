@@ -193,7 +193,7 @@ def _load(args, state, source, max_len, chat, url):
         config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
     tokenizer = from_spec(spec)
     kernels = resolve_kernels(placed_on(params), dtype=config.dtype, attention=args.attention, decode=True)
-    kernels = for_serving(kernels, args.slots)
+    kernels = for_serving(kernels, config.dtype)
     dp = decode.prepare(params, config, kernels)
     del params
     log.info("loaded %s in %.1f s (%s, %d layers, d=%d)", args.model, time.perf_counter() - t0, config.dtype,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import GPTConfig
-from ..cpu.products import NATIVE_ROWS
+from ..cpu import native
 from ..generation import decode
 from ..kernels import PORTABLE, Kernels
 from ..utils.buckets import bucket, buckets, fine_buckets
@@ -40,13 +40,13 @@ ECHO_ROWS = 64
 CHUNK = 64  # cache positions per step of a decode step's attention loop
 
 
-def for_serving(kernels: Kernels, slots: int) -> Kernels:
-    """The record the engine runs for `slots` slots: decode products that give a row the same bits at every row
-    count a step can have (up to `slots`), since that count changes with the load. jaxlm's native CPU kernel
-    does (one chain of FMAs per output, whatever the rows) up to NATIVE_ROWS rows, and so does the platform's
-    matmul; the CPU's fused multiply-reduce does not, and neither does the native kernel past its rows (XLA's
-    matmul takes over there)."""
-    if kernels.decode_products == "native" and slots <= NATIVE_ROWS:
+def for_serving(kernels: Kernels, dtype) -> Kernels:
+    """The record the engine runs in `dtype`: decode products that give a row the same bits at every row count a
+    step can have, since that count changes with the load. jaxlm's native CPU kernel does (one chain of FMAs
+    per output, whatever the rows) and is kept where it runs every row count (AVX2's: a prompt's rows too, so
+    no prefill unpacks the weights); so does the platform's matmul, taken otherwise. The CPU's fused
+    multiply-reduce does not."""
+    if kernels.decode_products == "native" and native.max_rows(dtype) is None:
         return kernels
     why = (*kernels.why, ("decode_products", "serving: the platform's matmul, whose rows do not depend on the batch"))
     return dataclasses.replace(kernels, decode_products="plain", why=why)

@@ -89,6 +89,7 @@ constexpr BlocksFn<T> kBlocks[kRowGroup + 1] = {nullptr,      Blocks<T, 1>, Bloc
 // tile of rows: for each OB blocks, D in slices of kSlice (W's slice stays in L1), the tile's rows in groups
 // of NR (accumulators 2 x OB x NR <= 12). A slice after the first continues each output's chain from y.
 constexpr int64_t kSlice = 128;
+constexpr int64_t kAhead = 64;  // k steps (4 KB of a block) that a prefetch runs ahead of the FMAs
 
 // (Flat arrays and unroll pragmas: GCC then keeps the accumulators in registers; as [OB][2][NR] arrays it
 // also stored them to the stack at every k, which halved the speed.)
@@ -101,6 +102,9 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const float* w, const float* x
   for (int i = 0; i < V * NR; ++i)
     acc[i] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y + (i / V) * O + (i % V) * 8);
   for (int64_t k = k0; k < k1; ++k) {
+#pragma GCC unroll 4
+    for (int b = 0; b < OB; ++b)  // W streams from memory on a tile's first pass: ask for it early
+      _mm_prefetch(reinterpret_cast<const char*>(w + b * 16 * D + (k + kAhead) * 16), _MM_HINT_T0);
     __m256 wk[V];
 #pragma GCC unroll 16
     for (int j = 0; j < V; ++j) wk[j] = _mm256_loadu_ps(w + (j / 2) * 16 * D + k * 16 + (j % 2) * 8);

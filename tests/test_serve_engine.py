@@ -68,6 +68,30 @@ def test_a_rows_logits_do_not_depend_on_the_other_rows_or_its_slot(tiny):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-4)  # another summation order
 
 
+def test_a_rows_bits_do_not_depend_on_the_row_count_at_gpt2_width():
+    """At GPT-2's width XLA:CPU sums a layer norm's rows in another order from 8 rows on (and its matmul, the
+    sampler's prefix sums at 64 rows): the step and the draw take them a row at a time."""
+    config = jaxlm.GPTConfig(n_layer=1, n_head=12, n_embd=768, vocab_size=512, block_size=64)
+    params = jaxlm.init_params(config, jax.random.key(0))
+    kernels = for_serving(resolve(placed_on(params), dtype="float32", decode=True), "float32")
+    dp = decode.prepare(params, config, kernels)
+    rng = np.random.default_rng(1)
+    N = 32
+    cache = [tuple(jnp.asarray(rng.standard_normal((N, 12, 64, 64)), jnp.float32) for _ in "kv")]
+    tokens, positions = rng.integers(0, 512, N).astype(np.int32), rng.integers(1, 60, N).astype(np.int32)
+    step = jax.jit(partial(decode.step_rows, c=config, chunk=32, kernels=kernels))
+    rows = {}
+    for R in (2, 8, 32):
+        slots = np.arange(R, dtype=np.int32)[::-1]  # slot 0 last
+        logits = step(dp, jnp.asarray(tokens[slots]), jnp.asarray(positions[slots]), cache, slots_B=slots)[0]
+        rows[R] = np.asarray(logits)[R - 1]
+    assert all(np.array_equal(rows[R], rows[2]) for R in rows)
+    x = jnp.asarray(rng.random((64, 393)), jnp.float32)  # GPT-2's vocabulary in blocks of 128
+    sums = {R: np.asarray(jax.jit(sampler._cumsum)(x[:R]))[0] for R in (1, 2, 64)}
+    assert all(np.array_equal(sums[R], sums[2]) for R in sums)
+    np.testing.assert_allclose(sums[2], np.cumsum(np.asarray(x[0])), rtol=1e-5)
+
+
 def test_serving_keeps_only_products_whose_rows_do_not_depend_on_the_batch():
     """jaxlm's native CPU kernel serves where it runs every row count (AVX2's: a step's rows and a prompt's);
     where it hands many rows to XLA's matmul (AVX-512's), and for the CPU's fused multiply-reduce (its bits

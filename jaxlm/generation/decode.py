@@ -90,28 +90,34 @@ def _ln(c: GPTConfig, p, x):
     return layer_norm(c, "ln").apply({"params": p}, x)
 
 
+def _ln_rows(c: GPTConfig, p, x_BxD):
+    """`_ln` one row of the leading axis at a time: XLA:CPU sums a [B, 768] layer norm's rows in another order
+    from 8 rows on than below, so a serving step's row would change its bits with the step's row count."""
+    return jax.lax.map(partial(_ln, c, p), x_BxD)
+
+
 def _dense(p, products: str | None = "plain"):
     """x -> x @ W + b over a decode-layout Dense's {"kernel" [out, in], "bias" [out]}."""
     return lambda x: _linear(x, p["kernel"], p["bias"], products=products)
 
 
-def _block(c: GPTConfig, p, x_BxTxD, attend_fn, write_kv, products: str | None = "plain"):
+def _block(c: GPTConfig, p, x_BxTxD, attend_fn, write_kv, products: str | None = "plain", ln=_ln):
     """One layer of `jaxlm.model.layers` over decode-layout weights: (x, its cache entry)."""
     attn, mlp = p["attn"], p["mlp"]
     return layers.block(
         x_BxTxD,
-        ln_1=lambda x: _ln(c, p["ln_1"], x),
+        ln_1=lambda x: ln(c, p["ln_1"], x),
         attn=lambda x: layers.self_attention(
             x, n_head=c.n_head, c_attn=_dense(attn["c_attn"], products), c_proj=_dense(attn["c_proj"], products),
             attend=attend_fn, write_kv=write_kv,
         ),
-        ln_2=lambda x: _ln(c, p["ln_2"], x),
+        ln_2=lambda x: ln(c, p["ln_2"], x),
         mlp=lambda x: layers.mlp(x, c_fc=_dense(mlp["c_fc"], products), c_proj=_dense(mlp["c_proj"], products)),
     )  # fmt: skip
 
 
-def _head(c: GPTConfig, dp, x_BxD, products: str | None = "plain"):
-    x_BxD = _ln(c, dp["ln_f"], x_BxD)
+def _head(c: GPTConfig, dp, x_BxD, products: str | None = "plain", ln=_ln):
+    x_BxD = ln(c, dp["ln_f"], x_BxD)
     return _linear(x_BxD, dp["wte"], out_dtype=jnp.float32, n_out=c.vocab_size, products=products)
 
 
@@ -207,7 +213,7 @@ def step_rows(
         attend_fn = partial(_attend_native, positions_B=positions_B, slots_B=slots_B)
     else:
         attend_fn = partial(attend_chunks, positions_B=positions_B, chunk=chunk, slots_B=slots_B)
-    return _one_token(c, dp, tokens_B, positions_B, cache, attend_fn, write_at_rows, kernels)
+    return _one_token(c, dp, tokens_B, positions_B, cache, attend_fn, write_at_rows, kernels, ln=_ln_rows)
 
 
 def _attend_native(q_BxHx1xK, k_NxHxSxK, v_NxHxSxK, *, positions_B, slots_B):
@@ -252,10 +258,10 @@ def attend_chunks(q_BxHx1xK, k_NxHxSxK, v_NxHxSxK, *, positions_B, chunk: int, s
     return (acc_BxHxK / l_BxH[..., None]).astype(v_NxHxSxK.dtype)[:, :, None]
 
 
-def _one_token(c: GPTConfig, dp, tokens_B, positions_B, cache, attend_fn, writer, kernels: Kernels):
+def _one_token(c: GPTConfig, dp, tokens_B, positions_B, cache, attend_fn, writer, kernels: Kernels, ln=_ln):
     x_Bx1xD = _embed(c, dp, tokens_B, positions_B)[:, None]
     new_cache = []
     for p, layer_kv in zip(dp["layers"], cache, strict=True):
-        x_Bx1xD, layer_kv = _block(c, p, x_Bx1xD, attend_fn, writer(*layer_kv), kernels.decode_products)
+        x_Bx1xD, layer_kv = _block(c, p, x_Bx1xD, attend_fn, writer(*layer_kv), kernels.decode_products, ln)
         new_cache.append(layer_kv)
-    return _head(c, dp, x_Bx1xD[:, 0], kernels.decode_products), new_cache
+    return _head(c, dp, x_Bx1xD[:, 0], kernels.decode_products, ln), new_cache

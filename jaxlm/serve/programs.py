@@ -15,7 +15,8 @@ Every shape is fixed when the server starts, so nothing compiles while it serves
 rows that are busy (rounded up to a bucket), not all the slots. A row's numbers never depend on the other
 rows: the products (`for_serving`: jaxlm's native CPU kernel, else the platform's matmul) give a row the same
 bits at any row count from 2, whatever the other rows hold or where the row sits (tests/test_serve_engine.py),
-attention and sampling are row by row, and a prompt is prefilled alone at its own length bucket.
+attention and sampling are row by row (layer norms and the sampler's prefix sums a row at a time), and a
+prompt is prefilled alone at its own length bucket.
 """
 
 from __future__ import annotations

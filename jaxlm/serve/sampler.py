@@ -169,7 +169,26 @@ def next_tokens(
     `counts_RxV` counts each row's generated tokens; `fed_R` is the token each row was just fed (its
     last generated one), added to the counts where `live_R`; `fresh_R` rows start a new request (their
     counts are reset first). `position_R` is the position the drawn token will have in its sequence.
+
+    One row at a time (`jax.lax.map`): XLA:CPU may order a sum over a [rows, vocabulary] array differently at
+    another row count, and a row's draw must not depend on how many rows the step runs (the soak found
+    top-p draws that moved by a token under load, from the same logits).
     """
+    rows = (logits_RxV, counts_RxV, fed_R, fresh_R, live_R, seed_Rx2, choice_R, position_R,
+            temperature_R, top_p_R, top_k_R, presence_R, frequency_R)  # fmt: skip
+
+    def one(row):
+        token_1, counts_1xV = _next_tokens(*(x[None] for x in row), mode)
+        return token_1[0], counts_1xV[0]
+
+    return jax.lax.map(one, rows)
+
+
+def _next_tokens(
+    logits_RxV, counts_RxV, fed_R, fresh_R, live_R, seed_Rx2, choice_R, position_R,
+    temperature_R, top_p_R, top_k_R, presence_R, frequency_R, mode,
+):  # fmt: skip
+    """`next_tokens` over R rows at once."""
     R = logits_RxV.shape[0]
     counts_RxV = jnp.where(fresh_R[:, None], 0, counts_RxV)
     counts_RxV = counts_RxV.at[jnp.arange(R), fed_R].add(live_R.astype(counts_RxV.dtype))
